@@ -1,0 +1,3 @@
+from ner_merge.demo import main
+
+main()

@@ -1,0 +1,17 @@
+"""The errors ner-merge raises for bad input; each message names what is wrong."""
+
+
+class NerMergeError(Exception):
+    """Base class: a problem with the user's recipe, models or source map."""
+
+
+class RecipeError(NerMergeError, ValueError):
+    """The recipe (YAML file or its NER options) is malformed or invalid."""
+
+
+class ModelError(NerMergeError):
+    """A model cannot be found, read, or does not match the others."""
+
+
+class SourceMapError(NerMergeError, ValueError):
+    """A source map is malformed, or was made for other models or tensors."""

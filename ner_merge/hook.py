@@ -1,0 +1,99 @@
+"""Let the stock `mergekit-yaml` (and every mergekit CLI) run `merge_method: ner`.
+
+mergekit 0.1.5 has no plugin mechanism, so the installed `ner_merge_hook.pth`
+imports this module at interpreter start. It must stay cheap (no torch, no
+mergekit: `python -X importtime -c pass` shows neither) and so only installs an
+import finder. When mergekit itself is imported later, the finder acts right after
+two of its modules execute:
+- `mergekit.merge_methods`: register the `ner` method;
+- `mergekit.merge`: wrap `run_merge`, which every mergekit CLI calls, so an NER
+  recipe is planned first and its output is written atomically with a report.
+The CLIs bind `run_merge` by name when they import it, which is why the wrap has
+to happen as the module executes, not later.
+
+(importlib.abc is avoided on purpose: importing it costs 40 ms at every start.)
+
+A failure here must not break mergekit for other recipes: it is reported in one
+line on stderr and mergekit carries on without `ner`. Set NER_MERGE_DISABLE_HOOK=1
+to switch the hook off.
+"""
+
+import importlib.machinery
+import os
+import sys
+from types import ModuleType
+
+DISABLE_VARIABLE = "NER_MERGE_DISABLE_HOOK"
+
+
+def _register_method(module: ModuleType) -> None:
+    from ner_merge.method import register
+
+    register()
+
+
+def _wrap_run_merge(module: ModuleType) -> None:
+    from ner_merge.pipeline import with_ner_planning
+
+    module.run_merge = with_ner_planning(module.run_merge)
+
+
+AFTER_IMPORT = {
+    "mergekit.merge_methods": _register_method,
+    "mergekit.merge": _wrap_run_merge,
+}
+
+
+def _attach(module: ModuleType, action) -> None:
+    """Run one action on a freshly executed module; report its failure, never raise."""
+    try:
+        action(module)
+    except Exception as error:  # noqa: BLE001 - mergekit must keep working
+        print(
+            f"ner-merge: could not attach to {module.__name__} "
+            f"({type(error).__name__}: {error}); merge_method 'ner' is unavailable. "
+            f"Reinstall ner-merge, or set {DISABLE_VARIABLE}=1 to silence this.",
+            file=sys.stderr,
+        )
+
+
+class _LoaderThenHook:
+    """Run the real loader, then our action, reporting (not raising) its failure."""
+
+    def __init__(self, loader, action):
+        self.loader, self.action = loader, action
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self.loader.exec_module(module)
+        _attach(module, self.action)
+
+
+class _AfterImportFinder:
+    """Finds nothing itself: wraps the real spec of the few modules it watches."""
+
+    def find_spec(self, fullname, path, target=None):
+        action = AFTER_IMPORT.get(fullname)
+        if action is None:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _LoaderThenHook(spec.loader, action)
+        return spec
+
+
+def install() -> None:
+    """Add the finder once; modules already imported are handled at once."""
+    if os.environ.get(DISABLE_VARIABLE) == "1":
+        return
+    if any(isinstance(finder, _AfterImportFinder) for finder in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _AfterImportFinder())
+    for name, action in AFTER_IMPORT.items():
+        if name in sys.modules:
+            _attach(sys.modules[name], action)
+
+
+install()

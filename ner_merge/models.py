@@ -1,0 +1,128 @@
+"""Find each model of a recipe on disk and describe it by content.
+
+A model is a local folder or a Hugging Face Hub id (optionally `id@revision`). Hub
+ids resolve through huggingface_hub's cache, so `HF_HUB_OFFLINE=1` works with a
+filled cache, and the resolved commit is recorded. The fingerprint identifies a
+model's *content* cheaply, so a source map or cached score made for one model is
+never applied to another, even when both share one architecture.
+"""
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from functools import cached_property
+
+from mergekit.common import ModelReference
+from mergekit.io.lazy_tensor_loader import ShardedTensorIndex
+
+from ner_merge.errors import ModelError
+
+# Fingerprint = hash of each shard's name, size, header and this many evenly spaced
+# blocks of its data: fine-tunes differ everywhere, so samples tell them apart.
+FINGERPRINT_SAMPLES = 16
+FINGERPRINT_BLOCK = 4096
+HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
+
+
+@dataclass(frozen=True)
+class TensorHeader:
+    """What a safetensors header says of one tensor, read without its data."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A recipe model found on disk."""
+
+    name: str  # as the recipe gives it
+    path: str  # local folder holding its weights
+    revision: str | None  # Hub commit, None for a local folder
+
+    @cached_property
+    def index(self) -> ShardedTensorIndex:
+        """mergekit's map from tensor names to shard files."""
+        try:
+            index = ShardedTensorIndex.from_disk(self.path)
+        except (RuntimeError, OSError, ValueError) as error:
+            raise ModelError(
+                f"model {self.name}: no weights in {self.path}: {error}"
+            ) from None
+        if not index.is_safetensors:
+            raise ModelError(
+                f"model {self.name}: only safetensors weights are supported "
+                f"(found pytorch_model.bin in {self.path})"
+            )
+        return index
+
+    @cached_property
+    def headers(self) -> dict[str, TensorHeader]:
+        """Dtype and shape of every tensor, from the shard headers alone."""
+        headers = {}
+        for shard in self.index.shards:
+            header = read_safetensors_header(os.path.join(self.path, shard.filename))
+            for name, info in header.items():
+                if name != "__metadata__":
+                    headers[name] = TensorHeader(info["dtype"], tuple(info["shape"]))
+        return headers
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """SHA-256 over shard names, sizes, headers and sampled data blocks."""
+        digest = hashlib.sha256()
+        for shard in sorted(self.index.shards, key=lambda s: s.filename):
+            file_path = os.path.join(self.path, shard.filename)
+            size = os.path.getsize(file_path)
+            digest.update(f"{shard.filename}\0{size}\0".encode())
+            with open(file_path, "rb") as file:
+                for i in range(FINGERPRINT_SAMPLES):
+                    file.seek(
+                        max(0, size - FINGERPRINT_BLOCK)
+                        * i
+                        // (FINGERPRINT_SAMPLES - 1)
+                    )
+                    digest.update(file.read(FINGERPRINT_BLOCK))
+        return digest.hexdigest()
+
+
+def read_safetensors_header(file_path: str) -> dict:
+    """The JSON header of a safetensors file; a clear error if it is not one."""
+    try:
+        with open(file_path, "rb") as file:
+            (length,) = struct.unpack("<Q", file.read(8))
+            if length > os.path.getsize(file_path) - 8:
+                raise ValueError("header length runs past the end of the file")
+            return json.loads(file.read(length))
+    except (OSError, struct.error, ValueError) as error:
+        raise ModelError(
+            f"{file_path}: not a readable safetensors file ({error})"
+        ) from None
+
+
+def resolve_model(reference: ModelReference) -> ResolvedModel:
+    """Find a recipe model locally or in the Hub cache (downloading if allowed)."""
+    name = str(reference)
+    if reference.lora is not None:
+        raise ModelError(
+            f"model {name}: LoRA adapters are not supported; merge the adapter first"
+        )
+    path, revision = reference.model.path, reference.model.revision
+    if os.path.isdir(path):
+        return ResolvedModel(name=name, path=os.path.abspath(path), revision=None)
+    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise ModelError(f"model {name}: no such folder {os.path.abspath(path)}")
+    import huggingface_hub  # only Hub ids need it
+
+    try:
+        local = huggingface_hub.snapshot_download(
+            path, revision=revision, allow_patterns=HUB_FILE_PATTERNS
+        )
+    except Exception as error:  # offline, missing repo, bad revision: all say why
+        raise ModelError(
+            f"model {name}: not a local folder, and the Hub could not provide it "
+            f"({type(error).__name__}: {error})"
+        ) from None
+    return ResolvedModel(name=name, path=local, revision=os.path.basename(local))

@@ -1,0 +1,149 @@
+"""An NER merge from recipe to finished folder: plan, stitch, report, publish.
+
+`with_ner_planning` wraps mergekit's `run_merge` (see `ner_merge.hook`): recipes
+with another merge method pass straight through; an NER recipe is validated,
+planned (or its given source map checked), merged by mergekit into a hidden
+staging folder beside OUT, completed with the source map and report, and only
+then renamed to OUT. A merge that fails or is killed leaves no folder that looks
+finished, and an existing OUT is replaced whole or not at all.
+"""
+
+import functools
+import logging
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+from mergekit.config import MergeConfiguration
+from mergekit.options import MergeOptions
+
+from ner_merge.errors import NerMergeError, SourceMapError
+from ner_merge.models import ResolvedModel
+from ner_merge.planner import localized_config, output_tensors, plan, resolve_models
+from ner_merge.recipe import METHOD_NAME, Recipe
+from ner_merge.report import write_report
+from ner_merge.source_map import SourceMap
+
+LOG = logging.getLogger(__name__)
+
+SOURCE_MAP_FILE = "ner_source_map.json"
+STAGING_SUFFIX = ".ner-partial"
+
+
+def with_ner_planning(run_merge: Callable) -> Callable:
+    """mergekit's `run_merge`, extended to plan and publish NER merges."""
+
+    @functools.wraps(run_merge)
+    def run_merge_with_ner(
+        merge_config: MergeConfiguration,
+        out_path: str,
+        options: MergeOptions,
+        config_source: str | None = None,
+    ):
+        if merge_config.merge_method != METHOD_NAME:
+            return run_merge(
+                merge_config, out_path, options, config_source=config_source
+            )
+        context = click.get_current_context(silent=True)
+        where = (context.params.get("config_file") if context else None) or "recipe"
+        try:
+            recipe = Recipe.from_config(merge_config, where=where)
+            return merge(recipe, out_path, options, config_source, run_merge)
+        except NerMergeError as error:
+            if context is None:
+                raise
+            raise click.ClickException(str(error)) from error
+
+    return run_merge_with_ner
+
+
+def merge(
+    recipe: Recipe,
+    out_path: str,
+    merge_options: MergeOptions,
+    config_source: str | None,
+    run_merge: Callable,
+) -> SourceMap:
+    """Plan (or check the given map), run mergekit's merge, publish OUT atomically."""
+    models = resolve_models(recipe)
+    if recipe.options.source_map:
+        source_map = checked_source_map(recipe, models, merge_options)
+    else:
+        source_map = plan(recipe, merge_options, models=models)
+    with staged_output(out_path) as staging:
+        map_path = staging / SOURCE_MAP_FILE
+        source_map.save(map_path)
+        config = localized_config(recipe, models)
+        parameters = dict(config.parameters or {}, source_map=str(map_path))
+        run_merge(
+            config.model_copy(update={"parameters": parameters}),
+            str(staging),
+            merge_options,
+            config_source=config_source or recipe.config.to_yaml(),
+        )
+        write_report(staging, source_map, recipe)
+    return source_map
+
+
+def checked_source_map(
+    recipe: Recipe, models: list[ResolvedModel], merge_options: MergeOptions
+) -> SourceMap:
+    """Load a user-given map and prove it was made for exactly these models."""
+    where = recipe.options.source_map
+    source_map = SourceMap.load(where)
+    mapped = [(m.name, m.role) for m in source_map.models]
+    expected = [
+        (m.name, "base" if i == 0 else "fine-tuned") for i, m in enumerate(models)
+    ]
+    if mapped != expected:
+        raise SourceMapError(
+            f"{where}: made for models {mapped}, but the recipe has {expected}"
+        )
+    for entry, model in zip(source_map.models, models):
+        if entry.fingerprint != model.fingerprint:
+            raise SourceMapError(
+                f"{where}: model {model.name} has changed since the map was made "
+                f"(fingerprint {entry.fingerprint[:12]} in the map, "
+                f"{model.fingerprint[:12]} on disk): plan again"
+            )
+    config = localized_config(recipe, models)
+    wanted = {t.name for t in output_tensors(config, models, merge_options)}
+    missing, unknown = (
+        wanted - set(source_map.tensors),
+        set(source_map.tensors) - wanted,
+    )
+    if missing or unknown:
+        raise SourceMapError(
+            f"{where}: tensors do not match the models: "
+            f"missing {sorted(missing)[:5]}{' ...' if len(missing) > 5 else ''}, "
+            f"unknown {sorted(unknown)[:5]}{' ...' if len(unknown) > 5 else ''}"
+        )
+    return source_map
+
+
+@contextmanager
+def staged_output(out_path: str) -> Iterator[Path]:
+    """A staging folder that becomes OUT only if the block completes.
+
+    Staging lives in a hidden sibling (same file system, so the final rename is
+    atomic) whose inner folder carries OUT's own name, so mergekit's model card
+    names the model right. A staging folder left by a killed run is cleared.
+    """
+    out = Path(out_path).absolute()
+    root = out.parent / f".{out.name}{STAGING_SUFFIX}"
+    if root.exists():
+        shutil.rmtree(root)
+    staging = root / out.name
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    if out.exists():
+        out.rename(root / "previous")
+    staging.rename(out)
+    shutil.rmtree(root)
+    LOG.info("NER merge written to %s", out)

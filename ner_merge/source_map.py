@@ -1,0 +1,125 @@
+"""The source map: which model every output tensor comes from, and why.
+
+The planner writes it, the merge method reads it, and a user may edit it by hand
+(to override one tensor's source, say). It is JSON with sorted keys and no
+timestamps, so the same inputs give the same bytes and diffs stay readable.
+"""
+
+import json
+from collections import Counter
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ner_merge.errors import SourceMapError
+from ner_merge.options import format_validation_error
+
+FORMAT_VERSION = 1
+
+Role = Literal["base", "fine-tuned"]
+# highest-ner: a scored matrix, won outright; follows: a tensor that goes with a
+# matrix or layer (biases, norms); base: not scored, copied from the base
+# (non-float buffers); override: set by hand in an edited map.
+Rule = Literal["highest-ner", "follows", "base", "override"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelEntry(_Frozen):
+    """One candidate model, as the recipe names it and as it was found."""
+
+    name: str = Field(description="The model as the recipe gives it.")
+    path: str = Field(description="The local folder its weights were read from.")
+    revision: str | None = Field(description="Hub commit; null for a folder.")
+    fingerprint: str = Field(description="Content fingerprint (see models.py).")
+    role: Role
+
+
+class TensorChoice(_Frozen):
+    """The chosen source of one output tensor."""
+
+    source: str = Field(description="Name of the model the tensor is copied from.")
+    rule: Rule
+    layer: int | None = Field(description="Decoder layer index; null outside layers.")
+    shape: tuple[int, ...]
+    scores: dict[str, float] = Field(
+        default_factory=dict, description="NER of each model's tensor, if scored."
+    )
+    follows: str | None = Field(
+        default=None,
+        description="For rule 'follows': the matrix or group it goes with.",
+    )
+
+
+class SourceMap(_Frozen):
+    """Every output tensor's source, plus what the choice was made from."""
+
+    format_version: Literal[1] = FORMAT_VERSION
+    models: tuple[ModelEntry, ...]
+    options: dict[str, object] = Field(description="The NER options used to plan.")
+    tensors: dict[str, TensorChoice]
+
+    @model_validator(mode="after")
+    def _sources_are_known_models(self) -> "SourceMap":
+        names = [model.name for model in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"models are listed twice: {names}")
+        if [m.role for m in self.models].count("base") != 1:
+            raise ValueError("exactly one model must have role 'base'")
+        for tensor, choice in self.tensors.items():
+            unknown = {choice.source, *choice.scores} - set(names)
+            if unknown:
+                raise ValueError(
+                    f"tensor {tensor} names unknown model(s) {sorted(unknown)}; "
+                    f"known: {names}"
+                )
+        return self
+
+    @property
+    def base(self) -> ModelEntry:
+        return next(model for model in self.models if model.role == "base")
+
+    def model(self, name: str) -> ModelEntry:
+        return next(model for model in self.models if model.name == name)
+
+    def share_by_model(self) -> dict[str, int]:
+        """How many output tensors each model supplies (all models listed)."""
+        counts = Counter(choice.source for choice in self.tensors.values())
+        return {model.name: counts[model.name] for model in self.models}
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=1, sort_keys=True) + "\n"
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json(), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SourceMap":
+        """Read and validate a map; every problem names the file and the field."""
+        where = str(path)
+        try:
+            document = json.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as error:
+            raise SourceMapError(
+                f"{where}: cannot read source map: {error.strerror}"
+            ) from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise SourceMapError(f"{where}: not valid JSON: {error}") from None
+        if not isinstance(document, dict):
+            raise SourceMapError(f"{where}: expected a JSON object")
+        try:
+            return cls.model_validate(document)
+        except ValidationError as error:
+            raise SourceMapError(
+                format_validation_error(error, where, "source map")
+            ) from None
+
+
+@lru_cache(maxsize=4)
+def load_cached(path: str, modified_ns: int) -> SourceMap:
+    """Load a map once per merge: the method asks for it for every tensor."""
+    return SourceMap.load(path)
