@@ -41,3 +41,27 @@ def plan_command(recipe_file: str, output: str, quiet: bool) -> None:
         f"{name}: {n}" for name, n in source_map.share_by_model().items()
     )
     click.echo(f"wrote {output} ({len(source_map.tensors)} tensors; {shares})")
+
+
+@main.command("demo")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+def demo_command(out_dir: str) -> None:
+    """Train the demo trio (tiny Qwen2 base + two fine-tunes) into OUT_DIR."""
+    from pathlib import Path
+
+    from ner_merge.demo import build
+
+    logging.getLogger("ner_merge").setLevel(logging.INFO)
+    for name, path in build(Path(out_dir)).items():
+        click.echo(f"{name}: {path}")
+
+
+@main.command("generate")
+@click.argument("model_dir", type=click.Path(file_okay=False, exists=True))
+@click.argument("prompt")
+@click.option("--tokens", default=40, show_default=True, help="Tokens to generate.")
+def generate_command(model_dir: str, prompt: str, tokens: int) -> None:
+    """Greedy sample from a model folder: a quick look at a merge's output."""
+    from ner_merge.demo import generate
+
+    click.echo(f"{model_dir}: {generate(model_dir, prompt, tokens)!r}")

@@ -6,18 +6,22 @@ domains (`sea.txt`, `kitchen.txt`). Real training, not noise, gives the matrices
 real spectra for NER to tell apart, and gives `ner-merge eval` something to show.
 Everything runs on two CPU cores in about a minute.
 
-    python -m ner_merge.demo demo/models     # writes base/, sea/, kitchen/
+    ner-merge demo demo/models     # writes base/, sea/, kitchen/
 """
 
-import argparse
 import logging
 import math
-import random
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -107,7 +111,6 @@ def encode(tokenizer: PreTrainedTokenizerFast, file_name: str) -> torch.Tensor:
 def build(out_dir: Path) -> dict[str, Path]:
     """Train and save the trio in bfloat16 (as real checkpoints ship); returns paths."""
     torch.manual_seed(SEED)
-    random.seed(SEED)
     tokenizer = train_tokenizer()
     base = Qwen2ForCausalLM(tiny_qwen2_config(len(tokenizer)))
     paths = {}
@@ -127,12 +130,12 @@ def build(out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "out_dir", type=Path, help="folder to write base/, sea/, kitchen/"
+def generate(model_dir: str | Path, prompt: str, max_new_tokens: int = 40) -> str:
+    """Greedy continuation of `prompt` by a saved model (deterministic)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    output = model.generate(
+        **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0
     )
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for name, path in build(args.out_dir).items():
-        print(f"{name}: {path}")
+    return tokenizer.decode(output[0], skip_special_tokens=True)

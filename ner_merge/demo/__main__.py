@@ -1,3 +1,0 @@
-from ner_merge.demo import main
-
-main()

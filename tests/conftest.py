@@ -1,0 +1,107 @@
+"""Session-scoped pico models and helpers shared by the tests."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+from tests import pico
+
+# Planted winners: model 1's layer-0 q_proj is rank 1 (NER 0, must lose);
+# model 2's layer-1 up_proj is orthogonal (NER 1, must win).
+RANK1_TENSOR = "model.layers.0.self_attn.q_proj.weight"
+FLAT_TENSOR = "model.layers.1.mlp.up_proj.weight"
+
+
+def build_trio(
+    root: Path, family: str, tied: bool = False, **overrides
+) -> dict[str, Path]:
+    base = pico.base_model(family, seed=0, tied=tied, **overrides)
+    one = pico.fine_tune(base, seed=1, plant={RANK1_TENSOR: "rank1"})
+    two = pico.fine_tune(base, seed=2, plant={FLAT_TENSOR: "flat"})
+    return {
+        name: pico.save_model(model, root / name)
+        for name, model in (("base", base), ("one", one), ("two", two))
+    }
+
+
+@pytest.fixture(scope="session")
+def qwen_trio(tmp_path_factory) -> dict[str, Path]:
+    return build_trio(tmp_path_factory.mktemp("qwen2"), "qwen2")
+
+
+def write_recipe(path: Path, base: Path, models: list[Path], **parameters) -> Path:
+    recipe = {
+        "merge_method": "ner",
+        "base_model": str(base),
+        "models": [{"model": str(m)} for m in models],
+        "dtype": "bfloat16",
+    }
+    if parameters:
+        recipe["parameters"] = parameters
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def run_merge(recipe_path: Path, out: Path, **options):
+    """Merge in-process through mergekit's own run_merge (wrapped by the hook)."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge as mergekit_run_merge
+    from mergekit.options import MergeOptions
+
+    text = recipe_path.read_text()
+    config = MergeConfiguration.model_validate(yaml.safe_load(text))
+    settings = dict(quiet=True, copy_tokenizer=True)
+    settings.update(options)
+    mergekit_run_merge(config, str(out), MergeOptions(**settings), config_source=text)
+
+
+def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                tensors[key] = handle.get_tensor(key)
+    return tensors
+
+
+def reference_ner(matrix: torch.Tensor) -> float:
+    """The specification, written independently in numpy float64."""
+    values = np.linalg.svd(matrix.double().numpy(), compute_uv=False)
+    values = values[values > 1e-12]
+    if len(values) <= 1:
+        return 0.0
+    p = values / values.sum()
+    return float(-(p * np.log2(p)).sum() / np.log2(len(values)))
+
+
+def brute_force_winners(models: list[Path]) -> dict[str, int]:
+    """For every 2-D tensor: index of the highest-NER model, first on ties."""
+    loaded = [load_tensors(m) for m in models]
+    winners = {}
+    for name, tensor in loaded[0].items():
+        if tensor.ndim == 2:
+            scores = [reference_ner(tensors[name]) for tensors in loaded]
+            winners[name] = scores.index(max(scores))
+    return winners
+
+
+def assert_bit_identical_to_sources(out: Path, dtype=torch.bfloat16):
+    """Every output tensor equals, bit for bit, its source's tensor in the map."""
+    source_map = json.loads((out / "ner_source_map.json").read_text())
+    paths = {m["name"]: Path(m["path"]) for m in source_map["models"]}
+    output = load_tensors(out)
+    sources = {name: load_tensors(path) for name, path in paths.items()}
+    assert set(output) == set(source_map["tensors"])
+    for name, tensor in output.items():
+        expected = sources[source_map["tensors"][name]["source"]][name].to(dtype)
+        assert tensor.dtype == expected.dtype, name
+        assert torch.equal(
+            tensor.view(torch.int16 if dtype.itemsize == 2 else torch.int32),
+            expected.view(torch.int16 if dtype.itemsize == 2 else torch.int32),
+        ), name
+    return source_map

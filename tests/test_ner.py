@@ -1,0 +1,108 @@
+"""The NER kernel against the specification's fixed points and a numpy reference."""
+
+import math
+
+import pytest
+import torch
+
+from ner_merge.ner import (
+    NonFiniteMatrixError,
+    ner_from_singular_values,
+    normalized_effective_rank,
+)
+from tests.conftest import reference_ner
+
+
+def with_spectrum(values: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
+    """A rows x len(values) float64 matrix with exactly these singular values."""
+    generator = torch.Generator().manual_seed(seed)
+    n = len(values)
+    u, _ = torch.linalg.qr(
+        torch.randn(rows, n, generator=generator, dtype=torch.float64)
+    )
+    v, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    return (u * values) @ v.T
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 64])
+def test_identity_scores_one_except_trivial(n):
+    assert normalized_effective_rank(torch.eye(n)) == pytest.approx(
+        1.0 if n > 1 else 0.0, abs=1e-12
+    )
+
+
+def test_rank_one_and_zero_score_zero():
+    assert (
+        normalized_effective_rank(torch.outer(torch.arange(1.0, 9), torch.ones(5)))
+        == 0.0
+    )
+    assert normalized_effective_rank(torch.zeros(6, 4)) == 0.0
+
+
+def test_invariant_to_scale_transpose_and_permutation():
+    gen = torch.Generator().manual_seed(3)
+    matrix = torch.randn(40, 25, generator=gen, dtype=torch.float64)
+    score = normalized_effective_rank(matrix)
+    rows, cols = torch.randperm(40), torch.randperm(25)
+    for variant in (7.5 * matrix, -0.01 * matrix, matrix.T, matrix[rows][:, cols]):
+        assert normalized_effective_rank(variant) == pytest.approx(score, abs=1e-12)
+
+
+def test_values_at_or_below_cutoff_are_dropped():
+    # Two equal values count as k=2 (NER 1); a third at 1e-13 must not count.
+    assert ner_from_singular_values(torch.tensor([1.0, 1.0, 1e-13])) == 1.0
+    assert ner_from_singular_values(torch.tensor([1.0, 1.0, 1e-12])) == 1.0
+    with_third = ner_from_singular_values(torch.tensor([1.0, 1.0, 1e-11]))
+    assert with_third < 1.0
+    p = torch.tensor([1.0, 1.0, 1e-11], dtype=torch.float64)
+    p = p / p.sum()
+    assert with_third == pytest.approx(
+        float(-(p * p.log2()).sum() / math.log2(3)), abs=1e-15
+    )
+
+
+def test_cutoff_applies_to_matrices_too():
+    matrix = with_spectrum(
+        torch.tensor([3.0, 2.0, 1.0, 1e-14], dtype=torch.float64), 10, 0
+    )
+    expected = ner_from_singular_values(torch.tensor([3.0, 2.0, 1.0]))
+    assert normalized_effective_rank(matrix) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(33, 33), (80, 20), (20, 80), (200, 64), (5, 300)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_numpy_float64_svd_on_gaussian(shape, seed):
+    matrix = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    assert abs(normalized_effective_rank(matrix) - reference_ner(matrix)) <= 1e-9
+
+
+@pytest.mark.parametrize(
+    "spectrum",
+    [
+        torch.arange(1, 61, dtype=torch.float64) ** -1.5,  # power law
+        torch.logspace(0, -10, 60, dtype=torch.float64),  # steep
+        torch.cat([torch.ones(50), torch.full((10,), 3e-12)]).double(),  # near cut-off
+        torch.cat([torch.ones(55), torch.zeros(5)]).double(),  # rank-deficient
+    ],
+    ids=["power-law", "steep", "near-cutoff", "rank-deficient"],
+)
+def test_matches_numpy_float64_svd_on_hard_spectra(spectrum):
+    matrix = with_spectrum(spectrum, 90, seed=7)
+    assert abs(normalized_effective_rank(matrix) - reference_ner(matrix)) <= 1e-9
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_low_precision_inputs_are_scored_exactly_as_stored(dtype):
+    matrix = torch.randn(48, 32, generator=torch.Generator().manual_seed(5)).to(dtype)
+    assert (
+        abs(normalized_effective_rank(matrix) - reference_ner(matrix.double())) <= 1e-9
+    )
+
+
+def test_non_finite_values_are_an_error():
+    matrix = torch.randn(4, 4)
+    matrix[1, 2] = float("nan")
+    with pytest.raises(NonFiniteMatrixError):
+        normalized_effective_rank(matrix)
+    with pytest.raises(ValueError, match="2-D"):
+        normalized_effective_rank(torch.ones(3))

@@ -1,0 +1,98 @@
+"""Recipes: the shipped ones validate offline; bad ones fail early and clearly."""
+
+from pathlib import Path
+
+import pytest
+
+from ner_merge.errors import ModelError, RecipeError
+from ner_merge.planner import plan
+from ner_merge.recipe import Recipe
+from tests import pico
+from tests.conftest import write_recipe
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+@pytest.mark.parametrize("name", ["qwen-ner.yml", "tiny-ner.yml"])
+def test_shipped_recipes_validate_offline(name):
+    recipe = Recipe.from_file(CONFIGS / name)
+    assert recipe.config.merge_method == "ner"
+    assert len(recipe.candidates()) >= 3
+
+
+def test_qwen_recipe_uses_the_hub_7b_family():
+    recipe = Recipe.from_file(CONFIGS / "qwen-ner.yml")
+    names = [str(model) for model in recipe.candidates()]
+    assert names[0] == "Qwen/Qwen2.5-7B"
+    assert all(name.startswith("Qwen/Qwen2.5-") and "7B" in name for name in names)
+
+
+def _recipe(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yml"
+    path.write_text(text)
+    return path
+
+
+MINIMAL = "merge_method: ner\nbase_model: /a\nmodels:\n  - model: /b\n"
+
+
+@pytest.mark.parametrize(
+    "extra, field",
+    [
+        ("parameters:\n  sourcemap: x.json\n", "parameters.sourcemap"),
+        ("parameters:\n  source_map: 3\n", "parameters.source_map"),
+    ],
+)
+def test_bad_options_name_the_option_and_the_file(tmp_path, extra, field):
+    path = _recipe(tmp_path, MINIMAL + extra)
+    with pytest.raises(RecipeError) as error:
+        Recipe.from_file(path)
+    assert field in str(error.value) and str(path) in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("merge_method: ner\nbase_model: [unclosed\n", "not valid YAML"),
+        ("- just\n- a list\n", "mapping"),
+        (
+            "merge_method: linear\nbase_model: /a\nmodels:\n  - model: /b\n",
+            "merge_method",
+        ),
+        ("merge_method: ner\nmodels:\n  - model: /b\n  - model: /c\n", "base_model"),
+        ("merge_method: ner\nbase_model: /a\nmodels:\n  - model: /a\n", "at least one"),
+        ("merge_method: ner\nbase_model: /a\nmodels: 7\n", "models"),
+    ],
+)
+def test_malformed_recipes_are_rejected_with_the_file_named(tmp_path, text, says):
+    path = _recipe(tmp_path, text)
+    with pytest.raises(RecipeError, match=says) as error:
+        Recipe.from_file(path)
+    assert str(path) in str(error.value)
+
+
+def test_missing_model_path_is_named(tmp_path, qwen_trio):
+    missing = tmp_path / "no-such-model"
+    path = write_recipe(tmp_path / "r.yml", qwen_trio["base"], [missing])
+    with pytest.raises(ModelError, match=str(missing)):
+        plan(Recipe.from_file(path), quiet=True)
+
+
+def test_folder_without_weights_is_named(tmp_path, qwen_trio):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    path = write_recipe(tmp_path / "r.yml", qwen_trio["base"], [empty])
+    with pytest.raises(ModelError, match="no weights"):
+        plan(Recipe.from_file(path), quiet=True)
+
+
+def test_mismatched_shapes_name_tensor_and_shapes(tmp_path, qwen_trio):
+    wider = pico.save_model(
+        pico.base_model("qwen2", intermediate_size=48), tmp_path / "w"
+    )
+    path = write_recipe(tmp_path / "r.yml", qwen_trio["base"], [wider])
+    with pytest.raises(ModelError) as error:
+        plan(Recipe.from_file(path), quiet=True)
+    message = str(error.value)
+    assert "model.layers.0.mlp.up_proj.weight" in message
+    assert "[64, 32]" in message and "[48, 32]" in message
