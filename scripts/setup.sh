@@ -12,7 +12,11 @@ stamp="$VENV/.ner-merge-installed"
 wanted="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
     echo "Installing ner-merge and its dependencies into $VENV ..."
-    python -m pip install -q --disable-pip-version-check "torch==$TORCH_VERSION"
-    python -m pip install -q --disable-pip-version-check -e ".[dev]"
+    pip_install() {  # this machine's pip config warns about missing mirrors: hide that
+        python -m pip install -q --disable-pip-version-check "$@" \
+            2> >(grep -v "^WARNING: Location 'file:" >&2)
+    }
+    pip_install "torch==$TORCH_VERSION"
+    pip_install -e ".[dev]"
     echo "$wanted" > "$stamp"
 fi
