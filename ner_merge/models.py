@@ -13,9 +13,11 @@ import os
 import struct
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 from mergekit.common import ModelReference
 from mergekit.io.lazy_tensor_loader import ShardedTensorIndex
+from transformers import PretrainedConfig
 
 from ner_merge.errors import ModelError
 
@@ -47,7 +49,9 @@ class ResolvedModel:
         """mergekit's map from tensor names to shard files."""
         try:
             index = ShardedTensorIndex.from_disk(self.path)
-        except (RuntimeError, OSError, ValueError) as error:
+        except Exception as error:  # mergekit and safetensors raise many kinds
+            for shard in sorted(Path(self.path).glob("*.safetensors")):
+                read_safetensors_header(str(shard))  # names a corrupt shard exactly
             raise ModelError(
                 f"model {self.name}: no weights in {self.path}: {error}"
             ) from None
@@ -70,6 +74,17 @@ class ResolvedModel:
         return headers
 
     @cached_property
+    def config(self) -> PretrainedConfig:
+        """The model's transformers configuration, or an error naming its file."""
+        try:
+            return ModelReference.parse(self.path).config()
+        except Exception as error:  # transformers raises many kinds here
+            raise ModelError(
+                f"model {self.name}: cannot read {self.path}/config.json "
+                f"({type(error).__name__}: {error})"
+            ) from None
+
+    @cached_property
     def fingerprint(self) -> str:
         """SHA-256 over shard names, sizes, headers and sampled data blocks."""
         digest = hashlib.sha256()
@@ -89,14 +104,35 @@ class ResolvedModel:
 
 
 def read_safetensors_header(file_path: str) -> dict:
-    """The JSON header of a safetensors file; a clear error if it is not one."""
+    """The JSON header of a safetensors file, checked against the file's size.
+
+    A truncated download or a corrupt file fails here, naming the file, before
+    any tensor is scored, rather than deep inside a merge hours later.
+    """
     try:
+        size = os.path.getsize(file_path)
         with open(file_path, "rb") as file:
             (length,) = struct.unpack("<Q", file.read(8))
-            if length > os.path.getsize(file_path) - 8:
+            if length > size - 8:
                 raise ValueError("header length runs past the end of the file")
-            return json.loads(file.read(length))
-    except (OSError, struct.error, ValueError) as error:
+            header = json.loads(file.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        data_size = size - 8 - length
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if not isinstance(info, dict) or {"dtype", "shape", "data_offsets"} - set(
+                info
+            ):
+                raise ValueError(f"tensor {name} has a malformed header entry")
+            if info["data_offsets"][1] > data_size:
+                raise ValueError(
+                    f"truncated: tensor {name} ends at byte {info['data_offsets'][1]} "
+                    f"of the data, which holds {data_size}"
+                )
+        return header
+    except (OSError, struct.error, ValueError, TypeError, IndexError) as error:
         raise ModelError(
             f"{file_path}: not a readable safetensors file ({error})"
         ) from None

@@ -5,11 +5,14 @@ mergekit passes unknown `parameters:` keys through silently, so this model is wh
 catches a misspelt option: it forbids extra keys and names the offending field.
 """
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ner_merge.errors import RecipeError
+
+# Longest repr of an offending value quoted in an error message.
+MAX_SHOWN_INPUT = 80
 
 
 class NerOptions(BaseModel):
@@ -21,6 +24,12 @@ class NerOptions(BaseModel):
         default=None,
         description="Path of a source map written by `ner-merge plan`. Without it, "
         "the planner scores the models and makes one just before the merge.",
+    )
+
+    nonfinite: Literal["error", "lose"] = Field(
+        default="error",
+        description="A scored matrix holding NaN or Inf: `error` stops the plan "
+        "naming model and tensor; `lose` lets that copy lose to any finite one.",
     )
 
     @classmethod
@@ -44,7 +53,10 @@ def format_validation_error(
     for problem in error.errors():
         location = (prefix, *problem["loc"]) if prefix else problem["loc"]
         field = ".".join(str(part) for part in location) or "(top level)"
-        given = problem.get("input")
-        shown = "" if problem["type"] == "missing" else f" (got {given!r})"
+        given = repr(problem.get("input"))
+        if len(given) > MAX_SHOWN_INPUT:
+            given = given[:MAX_SHOWN_INPUT] + "..."
+        quoted = problem["loc"] and problem["type"] != "missing"
+        shown = f" (got {given})" if quoted else ""
         lines.append(f"  {field}: {problem['msg']}{shown}")
     return "\n".join(lines)

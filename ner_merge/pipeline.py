@@ -21,7 +21,13 @@ from mergekit.options import MergeOptions
 
 from ner_merge.errors import NerMergeError, SourceMapError
 from ner_merge.models import ResolvedModel
-from ner_merge.planner import localized_config, output_tensors, plan, resolve_models
+from ner_merge.planner import (
+    first_best,
+    localized_config,
+    output_tensors,
+    plan,
+    resolve_models,
+)
 from ner_merge.recipe import METHOD_NAME, Recipe
 from ner_merge.report import write_report
 from ner_merge.source_map import SourceMap
@@ -120,7 +126,29 @@ def checked_source_map(
             f"missing {sorted(missing)[:5]}{' ...' if len(missing) > 5 else ''}, "
             f"unknown {sorted(unknown)[:5]}{' ...' if len(unknown) > 5 else ''}"
         )
-    return source_map
+    return resolve_hand_edits(source_map)
+
+
+def resolve_hand_edits(source_map: SourceMap) -> SourceMap:
+    """Honour a hand-edited map, and make its edits visible.
+
+    A matrix whose source is not its best score was chosen by hand: its rule
+    becomes "override", so the report shows it. A tensor that follows a matrix
+    (a bias) takes that matrix's final source, so an overridden projection stays
+    whole; to override such a tensor alone, set its rule to "override".
+    """
+    names = [model.name for model in source_map.models]
+    tensors = dict(source_map.tensors)
+    for name, choice in tensors.items():
+        if choice.rule == "highest-ner":
+            best = first_best([choice.scores.get(model) for model in names])
+            if best is not None and choice.source != names[best]:
+                tensors[name] = choice.model_copy(update={"rule": "override"})
+    for name, choice in tensors.items():
+        if choice.rule == "follows" and choice.follows in tensors:
+            source = tensors[choice.follows].source
+            tensors[name] = choice.model_copy(update={"source": source})
+    return source_map.model_copy(update={"tensors": tensors})
 
 
 @contextmanager

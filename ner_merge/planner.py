@@ -85,8 +85,9 @@ def localized_config(recipe: Recipe, models: list[ResolvedModel]) -> MergeConfig
 def resolve_models(recipe: Recipe) -> list[ResolvedModel]:
     """Resolve every candidate, and read each one's index and headers up front."""
     models = [resolve_model(reference) for reference in recipe.candidates()]
-    for model in models:
-        model.headers  # noqa: B018 - fail now, naming the model, not mid-plan
+    for model in models:  # fail now, naming the model, not mid-plan
+        model.headers  # noqa: B018
+        model.config  # noqa: B018
     return models
 
 
@@ -104,9 +105,6 @@ def output_tensors(
         raise ModelError(
             f"cannot determine the models' architecture: {error}"
         ) from None
-    base_config = config.base_model.config(
-        trust_remote_code=merge_options.trust_remote_code
-    )
     problems: list[str] = []
     tensors: list[OutputTensor] = []
     for info, layer in _architecture_weights(architecture, config, models, problems):
@@ -115,7 +113,7 @@ def output_tensors(
             tensors.append(tensor)
     if problems:
         raise ModelError("the models do not match:\n  " + "\n  ".join(problems))
-    LOG.debug("%s: %d output tensors", base_config.architectures, len(tensors))
+    LOG.debug("%d output tensors", len(tensors))
     return tensors
 
 
@@ -126,7 +124,7 @@ def _architecture_weights(
     problems: list[str],
 ) -> list[tuple[WeightInfo, int | None]]:
     """(weight, layer index) pairs from mergekit's tables for the base config."""
-    configs = [ModelReference.parse(m.path).config() for m in models]
+    configs = [model.config for model in models]
     weights = []
     for module in architecture.modules.values():
         configured = ConfiguredModuleArchitecture(
@@ -190,12 +188,19 @@ def _check_tensor(
 
 
 def score_matrices(
-    tensors: list[OutputTensor], models: list[ResolvedModel], quiet: bool = False
-) -> dict[str, list[float]]:
-    """NER of every model's copy of every matrix, streamed one tensor at a time."""
+    tensors: list[OutputTensor],
+    models: list[ResolvedModel],
+    nonfinite: str = "error",
+    quiet: bool = False,
+) -> dict[str, list[float | None]]:
+    """NER of every model's copy of every matrix, streamed one tensor at a time.
+
+    A copy holding NaN or Inf stops the plan, naming model and tensor, unless
+    `nonfinite` is "lose": then its score is None, which loses to any number.
+    """
     loaders = [LazyTensorLoader(model.index, lazy_unpickle=False) for model in models]
     matrices = [t for t in tensors if t.is_matrix]
-    scores: dict[str, list[float]] = {}
+    scores: dict[str, list[float | None]] = {}
     progress = tqdm.tqdm(
         total=len(matrices) * len(models),
         desc="NER scoring",
@@ -210,9 +215,14 @@ def score_matrices(
                 try:
                     row.append(normalized_effective_rank(matrix))
                 except NonFiniteMatrixError:
-                    raise ModelError(
-                        f"model {model.name}: tensor {stored} holds NaN or Inf values"
-                    ) from None
+                    where = f"model {model.name}: tensor {stored} holds NaN or Inf"
+                    if nonfinite != "lose":
+                        raise ModelError(
+                            f"{where} values (set `nonfinite: lose` to let such "
+                            "copies lose instead)"
+                        ) from None
+                    LOG.warning("%s; it loses this tensor", where)
+                    row.append(None)
                 del matrix
                 progress.update()
             scores[tensor.name] = row
@@ -221,17 +231,22 @@ def score_matrices(
     return scores
 
 
-def first_best(values: list[float]) -> int:
-    """Index of the largest value; the earliest on ties (the tie rule)."""
-    best = 0
+def first_best(values: list[float | None]) -> int | None:
+    """Index of the largest value, the earliest on ties (the tie rule).
+
+    None (a copy that could not be scored) loses to any number; None if all are.
+    """
+    best = None
     for index, value in enumerate(values):
-        if value > values[best]:
+        if value is not None and (best is None or value > values[best]):
             best = index
     return best
 
 
 def choose_sources(
-    tensors: list[OutputTensor], scores: dict[str, list[float]], names: list[str]
+    tensors: list[OutputTensor],
+    scores: dict[str, list[float | None]],
+    names: list[str],
 ) -> dict[str, TensorChoice]:
     """Apply the rules in this module's docstring to scored matrices."""
     choices: dict[str, TensorChoice] = {}
@@ -239,6 +254,10 @@ def choose_sources(
     for tensor in tensors:
         if tensor.is_matrix:
             winner = first_best(scores[tensor.name])
+            if winner is None:
+                raise ModelError(
+                    f"tensor {tensor.name}: every model's copy is not finite"
+                )
             choices[tensor.name] = TensorChoice(
                 source=names[winner],
                 rule="highest-ner",
@@ -286,7 +305,8 @@ def plan(
     models = models or resolve_models(recipe)
     config = localized_config(recipe, models)
     tensors = output_tensors(config, models, merge_options)
-    scores = score_matrices(tensors, models, quiet=quiet or merge_options.quiet)
+    quiet = quiet or merge_options.quiet
+    scores = score_matrices(tensors, models, recipe.options.nonfinite, quiet=quiet)
     names = [model.name for model in models]
     return SourceMap(
         models=tuple(

@@ -27,6 +27,15 @@ def _rule_text(choice: TensorChoice) -> str:
     return choice.rule
 
 
+def _score_cell(choice: TensorChoice, model: str) -> str:
+    """A model's NER for one tensor; bold for the source, '-' if not scored."""
+    if model not in choice.scores:
+        return "-"
+    score = choice.scores[model]
+    text = "NaN/Inf" if score is None else f"{score:.6f}"
+    return f"**{text}**" if model == choice.source else text
+
+
 def totals(source_map: SourceMap) -> dict[str, tuple[int, int]]:
     """Per model: (tensors supplied, parameters supplied)."""
     result = {model.name: (0, 0) for model in source_map.models}
@@ -77,16 +86,7 @@ def render_report(source_map: SourceMap, recipe: Recipe, created: str) -> str:
         lines += [f"## {title}", "", f"| tensor | shape | {header} | source | rule |"]
         lines.append("|---|---|" + "---|" * len(labels) + "---|---|")
         for name, choice in rows:
-            scores = " | ".join(
-                (
-                    f"**{choice.scores[m]:.6f}**"
-                    if m == choice.source
-                    else f"{choice.scores[m]:.6f}"
-                )
-                if m in choice.scores
-                else "-"
-                for m in labels
-            )
+            scores = " | ".join(_score_cell(choice, model) for model in labels)
             shape = "x".join(str(d) for d in choice.shape)
             lines.append(
                 f"| `{name}` | {shape} | {scores} | {labels[choice.source]} | "

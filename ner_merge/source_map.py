@@ -46,8 +46,9 @@ class TensorChoice(_Frozen):
     rule: Rule
     layer: int | None = Field(description="Decoder layer index; null outside layers.")
     shape: tuple[int, ...]
-    scores: dict[str, float] = Field(
-        default_factory=dict, description="NER of each model's tensor, if scored."
+    scores: dict[str, float | None] = Field(
+        default_factory=dict,
+        description="NER of each model's tensor, if scored; null: NaN or Inf.",
     )
     follows: str | None = Field(
         default=None,
