@@ -19,6 +19,7 @@ import click
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
+from ner_merge.card import write_model_card
 from ner_merge.errors import NerMergeError, SourceMapError
 from ner_merge.models import ResolvedModel
 from ner_merge.planner import (
@@ -78,6 +79,7 @@ def merge(
         source_map = checked_source_map(recipe, models, merge_options)
     else:
         source_map = plan(recipe, merge_options, models=models)
+    config_source = config_source or recipe.config.to_yaml()
     with staged_output(out_path) as staging:
         map_path = staging / SOURCE_MAP_FILE
         source_map.save(map_path)
@@ -86,9 +88,11 @@ def merge(
         run_merge(
             config.model_copy(update={"parameters": parameters}),
             str(staging),
-            merge_options,
-            config_source=config_source or recipe.config.to_yaml(),
+            merge_options.model_copy(update={"write_model_card": False}),
+            config_source=config_source,
         )
+        if merge_options.write_model_card:
+            write_model_card(staging, recipe, config_source)
         write_report(staging, source_map, recipe)
     return source_map
 
