@@ -1,4 +1,4 @@
-"""The `ner-merge` command: plan a merge without running it.
+"""The `ner-merge` command: plan and inspect a merge without running it.
 
 Merging itself is the stock `mergekit-yaml RECIPE OUT`; this CLI adds what
 mergekit has no verb for.
@@ -11,6 +11,8 @@ import click
 from ner_merge.errors import NerMergeError
 from ner_merge.planner import plan
 from ner_merge.recipe import Recipe
+from ner_merge.report import plan_table
+from ner_merge.source_map import SourceMap
 
 
 @click.group()
@@ -26,21 +28,38 @@ def main(verbose: bool) -> None:
     "-o",
     "--output",
     type=click.Path(dir_okay=False),
-    required=True,
     help="Where to write the source map (JSON).",
 )
+@click.option(
+    "--show", is_flag=True, help="Print each layer's sources and score margins."
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def plan_command(recipe_file: str, output: str, quiet: bool) -> None:
-    """Score RECIPE_FILE's models and write the source map, merging nothing."""
+def plan_command(recipe_file: str, output: str | None, show: bool, quiet: bool) -> None:
+    """Score RECIPE_FILE's models and write or show the source map, merging nothing."""
+    if not output and not show:
+        raise click.UsageError("give -o FILE to write the map, --show to print it")
     try:
         source_map = plan(Recipe.from_file(recipe_file), quiet=quiet)
     except NerMergeError as error:
         raise click.ClickException(str(error)) from error
-    source_map.save(output)
-    shares = ", ".join(
-        f"{name}: {n}" for name, n in source_map.share_by_model().items()
-    )
-    click.echo(f"wrote {output} ({len(source_map.tensors)} tensors; {shares})")
+    if show:
+        click.echo(plan_table(source_map))
+    if output:
+        source_map.save(output)
+        shares = ", ".join(
+            f"{name}: {n}" for name, n in source_map.share_by_model().items()
+        )
+        click.echo(f"wrote {output} ({len(source_map.tensors)} tensors; {shares})")
+
+
+@main.command("show")
+@click.argument("map_file", type=click.Path(dir_okay=False))
+def show_command(map_file: str) -> None:
+    """Print a source map (from `plan -o` or a merge's ner_source_map.json)."""
+    try:
+        click.echo(plan_table(SourceMap.load(map_file)))
+    except NerMergeError as error:
+        raise click.ClickException(str(error)) from error
 
 
 @main.command("demo")

@@ -1,24 +1,26 @@
-"""The human-readable side of a merge: `ner_report.md` and a model-card section.
+"""The human-readable side of a merge: `ner_report.md`, its figure, a model-card
+section, and the terminal table of `ner-merge show`.
 
 The report lists, for every layer and tensor, each model's NER and the chosen
-source, with per-model totals. It is written from the source map alone, so it is
-exactly as deterministic as the map, except for its one `Created:` line.
+source, with per-model totals, and embeds the figure (`ner_merge.figure`). All of
+it is written from the source map alone, so it is exactly as deterministic as the
+map, except for the report's one `Created:` line.
 """
 
 import datetime
+import logging
 from pathlib import Path
 
+from ner_merge.grid import Row, margin, model_labels, short_labels, source_grid
 from ner_merge.planner import RULES
 from ner_merge.recipe import Recipe
 from ner_merge.source_map import SourceMap, TensorChoice
 
+LOG = logging.getLogger(__name__)
+
 REPORT_FILE = "ner_report.md"
+FIGURE_FILE = "ner_report.png"
 CARD_FILE = "README.md"
-
-
-def _labels(source_map: SourceMap) -> dict[str, str]:
-    """Short column labels: M0 is the base, M1... the fine-tuned models."""
-    return {model.name: f"M{index}" for index, model in enumerate(source_map.models)}
 
 
 def _rule_text(choice: TensorChoice) -> str:
@@ -48,8 +50,11 @@ def totals(source_map: SourceMap) -> dict[str, tuple[int, int]]:
     return result
 
 
-def render_report(source_map: SourceMap, recipe: Recipe, created: str) -> str:
-    labels = _labels(source_map)
+def render_report(
+    source_map: SourceMap, recipe: Recipe, created: str, figure: str | None = None
+) -> str:
+    """The report; `figure`, the PNG's file name beside it, is embedded if given."""
+    labels = model_labels(source_map)
     all_totals = totals(source_map)
     tensor_count = len(source_map.tensors)
     lines = [
@@ -58,6 +63,10 @@ def render_report(source_map: SourceMap, recipe: Recipe, created: str) -> str:
         f"Created: {created}",
         f"Recipe: {recipe.where}",
         "",
+    ]
+    if figure:
+        lines += [f"![Source of each tensor and NER along the depth]({figure})", ""]
+    lines += [
         "## Models",
         "",
         "| label | model | role | revision | tensors | share | parameters |",
@@ -96,8 +105,8 @@ def render_report(source_map: SourceMap, recipe: Recipe, created: str) -> str:
     return "\n".join(lines)
 
 
-def card_section(source_map: SourceMap) -> str:
-    """A short model-card section: the method and each model's share."""
+def card_section(source_map: SourceMap, figure: str | None = None) -> str:
+    """A short model-card section: the method, each model's share, the report."""
     all_totals = totals(source_map)
     tensor_count = len(source_map.tensors)
     lines = [
@@ -122,18 +131,106 @@ def card_section(source_map: SourceMap) -> str:
         "machine-readable: `ner_source_map.json`.",
         "",
     ]
+    if figure:
+        lines += [f"At a glance, by layer: [{figure}]({figure}).", ""]
     return "\n".join(lines)
 
 
+def plan_table(source_map: SourceMap) -> str:
+    """A compact terminal table: per layer, each matrix's source and margin.
+
+    A cell reads `M2 +1.2e-02`: the matrix comes from M2, whose NER beat the
+    runner-up's by 0.012. Biases travel with their matrix and are not shown;
+    `rest` lists the sources of the layer's other tensors (its norms).
+    """
+    grid = source_grid(source_map)
+    labels = model_labels(source_map)
+    names = short_labels(grid.columns)
+
+    def cell(choice: TensorChoice | None) -> str:
+        if choice is None:
+            return ""
+        difference = margin(choice)
+        label = labels[choice.source]
+        return label if difference is None else f"{label} {difference:+.1e}"
+
+    def rest(row: Row) -> str:
+        sources = {
+            labels[choice.source]
+            for (where, _), choice in grid.cells.items()
+            if where == row
+            and not choice.scores
+            and choice.follows not in source_map.tensors
+        }
+        return ",".join(sorted(sources))
+
+    columns = grid.scored_columns()
+    table = [["layer", *(names[c] for c in columns), "rest"]]
+    for row in grid.rows:
+        if row is not None:
+            table.append(
+                [
+                    str(row),
+                    *(cell(grid.cells.get((row, c))) for c in columns),
+                    rest(row),
+                ]
+            )
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    lines = [
+        *(
+            f"{labels[model.name]} {model.role:<10}  {model.name}"
+            for model in source_map.models
+        ),
+        "cell: source, margin (its NER minus the runner-up's)",
+        "rest: sources of the layer's norms and other unscored tensors",
+        "",
+        *(
+            "  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip()
+            for line in table
+        ),
+    ]
+    if None in grid.rows:
+        outside = [
+            f"{names[column]} {cell(grid.cells[(None, column)])}"
+            for column in grid.columns
+            if (None, column) in grid.cells and grid.cells[(None, column)].scores
+        ]
+        if rest(None):
+            outside.append(f"rest {rest(None)}")
+        lines.append("outside the layers: " + ", ".join(outside))
+    shares = source_map.share_by_model().items()
+    total = len(source_map.tensors)
+    lines.append(
+        "tensors: " + ", ".join(f"{labels[n]} {k} ({k / total:.0%})" for n, k in shares)
+    )
+    return "\n".join(lines)
+
+
+def write_figure(out: Path, source_map: SourceMap) -> str | None:
+    """Write the figure into OUT; its file name, or None without matplotlib."""
+    try:
+        from ner_merge.figure import write_figure as draw
+    except ImportError as error:  # matplotlib is optional: the `report` extra
+        LOG.warning(
+            "skipping %s: %s (install the extra: pip install 'ner-merge[report]')",
+            FIGURE_FILE,
+            error,
+        )
+        return None
+    draw(source_map, out / FIGURE_FILE)
+    return FIGURE_FILE
+
+
 def write_report(out: Path, source_map: SourceMap, recipe: Recipe) -> None:
-    """Write the report into OUT and extend mergekit's model card, if there is one."""
+    """Write the report and figure into OUT and extend mergekit's model card."""
     created = datetime.datetime.now(datetime.timezone.utc).strftime(
         "%Y-%m-%d %H:%M:%S UTC"
     )
+    figure = write_figure(out, source_map)
     (out / REPORT_FILE).write_text(
-        render_report(source_map, recipe, created), encoding="utf-8"
+        render_report(source_map, recipe, created, figure), encoding="utf-8"
     )
     card = out / CARD_FILE
     if card.exists():
         with card.open("a", encoding="utf-8") as file:
-            file.write(card_section(source_map))
+            file.write(card_section(source_map, figure))

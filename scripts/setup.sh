@@ -17,6 +17,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
             2> >(grep -v "^WARNING: Location 'file:" >&2)
     }
     pip_install "torch==$TORCH_VERSION"
-    pip_install -e ".[dev]"
+    pip_install -e ".[dev,report]"
     echo "$wanted" > "$stamp"
 fi

@@ -36,7 +36,13 @@ def test_stock_mergekit_yaml_merges_bit_identically(tmp_path, qwen_trio):
         [MERGEKIT_YAML, str(recipe), str(out)], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
-    for name in ("config.json", "tokenizer.json", "README.md", "ner_report.md"):
+    for name in (
+        "config.json",
+        "tokenizer.json",
+        "README.md",
+        "ner_report.md",
+        "ner_report.png",
+    ):
         assert (out / name).is_file(), name
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     source_map = assert_bit_identical_to_sources(out)
