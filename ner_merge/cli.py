@@ -1,4 +1,5 @@
-"""The `ner-merge` command: plan and inspect a merge without running it.
+"""The `ner-merge` command: plan and inspect a merge without running it, and
+evaluate the result.
 
 Merging itself is the stock `mergekit-yaml RECIPE OUT`; this CLI adds what
 mergekit has no verb for.
@@ -60,6 +61,48 @@ def show_command(map_file: str) -> None:
         click.echo(plan_table(SourceMap.load(map_file)))
     except NerMergeError as error:
         raise click.ClickException(str(error)) from error
+
+
+@main.command("eval")
+@click.argument(
+    "models", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True)
+)
+@click.option(
+    "-t",
+    "--text",
+    "texts",
+    multiple=True,
+    type=click.Path(dir_okay=False, exists=True),
+    help="A text file to score (repeatable). Default: the demo's held-out texts.",
+)
+@click.option(
+    "--window",
+    type=click.IntRange(min=2),
+    help="Tokens per window. Default: each model's max_position_embeddings "
+    "(capped for long-context models).",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    help="Default: cuda when available.",
+)
+def eval_command(
+    models: tuple[str, ...],
+    texts: tuple[str, ...],
+    window: int | None,
+    device: str | None,
+) -> None:
+    """Perplexity of each model folder in MODELS on held-out texts, as a table."""
+    from transformers.utils import logging as transformers_logging
+
+    from ner_merge.evaluate import DEMO_TEXTS, evaluate
+
+    transformers_logging.disable_progress_bar()  # a bar per model buries the table
+    try:
+        table = evaluate(models, texts or DEMO_TEXTS, device, window)
+    except NerMergeError as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(table.render())
 
 
 @main.command("demo")

@@ -15,3 +15,7 @@ class ModelError(NerMergeError):
 
 class SourceMapError(NerMergeError, ValueError):
     """A source map is malformed, or was made for other models or tensors."""
+
+
+class EvaluationError(NerMergeError):
+    """A model or text given to `ner-merge eval` cannot be loaded or scored."""

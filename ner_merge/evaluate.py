@@ -1,0 +1,151 @@
+"""Perplexity of model folders on text files: did the merge help?
+
+Each model is scored with its own tokenizer, one model in memory at a time. A
+text longer than the model's context is scored in overlapping windows: each
+window of `window` tokens advances by half a window and scores only the tokens
+the previous one did not, so every token after the first is predicted exactly
+once, with at least half a window of context (the strided evaluation of
+Hugging Face's perplexity guide). Perplexity is exp of the mean negative
+log-likelihood over all those tokens.
+
+Deterministic: no sampling, no dropout (eval mode), a fixed window schedule; on
+CPU the forward pass runs in float32. On CUDA, models run in bfloat16 so that a
+7B model fits comfortably, and perplexities differ slightly from CPU's.
+"""
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from ner_merge.demo import HELD_OUT_TEXTS, TEXTS
+from ner_merge.errors import EvaluationError
+
+LOG = logging.getLogger(__name__)
+
+MAX_WINDOW = 2048  # tokens; caps long-context models so a window fits in memory
+# The demo's held-out texts: prose of each training domain that no model saw.
+DEMO_TEXTS = tuple(TEXTS / name for name in HELD_OUT_TEXTS)
+
+
+@dataclass(frozen=True)
+class PerplexityTable:
+    """Perplexity of every model (rows) on every text (columns)."""
+
+    models: tuple[str, ...]
+    texts: tuple[str, ...]
+    values: tuple[tuple[float, ...], ...]  # values[model][text]
+    device: str
+
+    def render(self) -> str:
+        """An aligned text table; `*` marks the lowest perplexity of each text."""
+        best = [min(column) for column in zip(*self.values)]
+        header = ["model", *self.texts]
+        rows = [
+            [model, *(f"{v:.2f}{'*' if v == b else ' '}" for v, b in zip(row, best))]
+            for model, row in zip(self.models, self.values)
+        ]
+        widths = [
+            max(len(line[i]) for line in [header, *rows]) for i in range(len(header))
+        ]
+        lines = [
+            f"Perplexity on {len(self.texts)} text(s), lower is better; "
+            f"* = best per text ({self.device})"
+        ]
+        for line in [header, *rows]:
+            cells = [line[0].ljust(widths[0])]
+            cells += [text.rjust(width) for text, width in zip(line[1:], widths[1:])]
+            lines.append("  ".join(cells).rstrip())
+        return "\n".join(lines)
+
+
+def perplexity(model: PreTrainedModel, tokens: torch.Tensor, window: int) -> float:
+    """exp(mean NLL) of `tokens` (1-D ids, at least two) under `model`, in windows
+    of `window` (at least 2) tokens that advance by half a window."""
+    stride = window // 2
+    total, count = 0.0, 0
+    scored_to = 1  # tokens before this index are scored (the first never is)
+    begin = 0
+    while True:
+        end = min(begin + window, len(tokens))
+        ids = tokens[begin:end].to(model.device)
+        logits = model(input_ids=ids[None]).logits[0].float()  # (T, V)
+        first = scored_to - begin  # first position in the window not yet scored
+        log_probs = torch.log_softmax(logits[first - 1 : -1], dim=-1)  # (T-first, V)
+        targets = ids[first:]
+        total -= log_probs.gather(1, targets[:, None]).double().sum().item()
+        count += len(targets)
+        scored_to = end
+        if end == len(tokens):
+            return math.exp(total / count)
+        begin += stride
+
+
+def evaluate(
+    models: Sequence[str | Path],
+    texts: Sequence[str | Path] = DEMO_TEXTS,
+    device: str | None = None,
+    window: int | None = None,
+) -> PerplexityTable:
+    """Perplexity of each model folder on each text file.
+
+    device: "cpu" or "cuda"; by default CUDA when available. window: tokens per
+    window, at most each model's `max_position_embeddings`; by default that, up
+    to MAX_WINDOW.
+    """
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EvaluationError("device cuda asked for, but torch sees no CUDA device")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    contents = {}
+    for text in texts:
+        try:
+            contents[text] = Path(text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise EvaluationError(f"{text}: cannot read text: {error}") from None
+    values = []
+    for folder in models:
+        model, tokenizer = _load(folder, device, dtype)
+        limit = model.config.max_position_embeddings
+        if window is not None and not 2 <= window <= limit:
+            raise EvaluationError(
+                f"{folder}: window {window} is not between 2 and its "
+                f"max_position_embeddings {limit}"
+            )
+        size = window or min(limit, MAX_WINDOW)
+        row = []
+        with torch.inference_mode():
+            for text, content in contents.items():
+                tokens = torch.tensor(
+                    tokenizer(content, verbose=False)["input_ids"], dtype=torch.long
+                )
+                if len(tokens) < 2:
+                    raise EvaluationError(f"{text}: fewer than two tokens to score")
+                row.append(perplexity(model, tokens, size))
+                LOG.info("%s on %s: perplexity %.3f", folder, text, row[-1])
+        values.append(tuple(row))
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return PerplexityTable(
+        models=tuple(str(m) for m in models),
+        texts=tuple(Path(t).stem for t in texts),
+        values=tuple(values),
+        device=device,
+    )
+
+
+def _load(folder: str | Path, device: str, dtype: torch.dtype):
+    """A model folder's causal LM (eval mode, on `device`) and its own tokenizer."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise EvaluationError(
+            f"{folder}: cannot load a causal language model and its tokenizer: {error}"
+        ) from None
+    return model.to(device).eval(), tokenizer
