@@ -35,15 +35,21 @@ def tensor_type(name: str, layer: int | None) -> str:
 
 
 def margin(choice: TensorChoice) -> float | None:
-    """The source's NER minus the best other model's; None if not scored.
+    """The source's NER minus the best other model's; None if either is missing.
 
     The margin says how close a choice was: near 0, the models were almost equal
-    and the choice hardly matters; negative, someone overrode the scores.
+    and the choice hardly matters; negative, someone overrode the scores. A copy
+    holding NaN or Inf has no score (null in the map) and is left out.
     """
-    if choice.source not in choice.scores or len(choice.scores) < 2:
+    score = choice.scores.get(choice.source)
+    others = [
+        other
+        for name, other in choice.scores.items()
+        if name != choice.source and other is not None
+    ]
+    if score is None or not others:
         return None
-    others = [s for name, s in choice.scores.items() if name != choice.source]
-    return choice.scores[choice.source] - max(others)
+    return score - max(others)
 
 
 def short_labels(columns: tuple[str, ...]) -> dict[str, str]:
@@ -96,14 +102,16 @@ class SourceGrid:
         return tuple(column for column in self.columns if column in scored)
 
     def depth_profile(self, column: str) -> dict[str, list[tuple[int, float]]]:
-        """Per model, (layer, NER) of its copy of `column` down the layers."""
+        """Per model, (layer, NER) of its copy of `column` down the layers; a copy
+        without a score (NaN or Inf) leaves a gap."""
         profile: dict[str, list[tuple[int, float]]] = {name: [] for name in self.models}
         for row in self.rows:
             choice = self.cells.get((row, column))
             if row is None or choice is None:
                 continue
             for name, score in choice.scores.items():
-                profile[name].append((row, score))
+                if score is not None:
+                    profile[name].append((row, score))
         return profile
 
 

@@ -11,6 +11,7 @@ import datetime
 import logging
 from pathlib import Path
 
+from ner_merge.card import CARD_FILE
 from ner_merge.grid import Row, margin, model_labels, short_labels, source_grid
 from ner_merge.planner import RULES
 from ner_merge.recipe import Recipe
@@ -20,7 +21,6 @@ LOG = logging.getLogger(__name__)
 
 REPORT_FILE = "ner_report.md"
 FIGURE_FILE = "ner_report.png"
-CARD_FILE = "README.md"
 
 
 def _rule_text(choice: TensorChoice) -> str:

@@ -205,3 +205,20 @@ def test_grid_names():
     )
     assert margin(scored) == pytest.approx(-0.2)  # an override that lost
     assert margin(scored.model_copy(update={"scores": {}})) is None
+    nan_lost = scored.model_copy(update={"scores": {"a": None, "b": 0.7}})
+    assert margin(nan_lost) is None  # no finite runner-up to compare with
+
+
+def test_a_copy_without_a_score_leaves_a_gap(tmp_path, merged):
+    """With `nonfinite: lose`, a NaN copy's score is null: drawn as a gap."""
+    source_map = SourceMap.load(merged / "ner_source_map.json")
+    name = "model.layers.1.mlp.up_proj.weight"
+    choice = source_map.tensors[name]
+    loser = next(m for m in choice.scores if m != choice.source)
+    scores = {**choice.scores, loser: None}
+    tensors = {**source_map.tensors, name: choice.model_copy(update={"scores": scores})}
+    edited = source_map.model_copy(update={"tensors": tensors})
+    profile = source_grid(edited).depth_profile("mlp.up_proj.weight")
+    assert [layer for layer, _ in profile[loser]] == [0]
+    write_figure(edited, tmp_path / "gap.png")
+    assert f"M2 {margin(tensors[name]):+.1e}" in report.plan_table(edited)
