@@ -1,29 +1,92 @@
 """The NER options a recipe sets under `parameters:`, validated before any tensor
 is read.
 
-mergekit passes unknown `parameters:` keys through silently, so this model is what
-catches a misspelt option: it forbids extra keys and names the offending field.
+mergekit passes unknown `parameters:` keys through silently, so these models are
+what catch a misspelt option: they forbid extra keys and name the offending field.
+mergekit allows only bool, int, float and str values there, so a list of tensor
+name patterns is one comma-separated string.
 """
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ner_merge.errors import RecipeError
 
 # Longest repr of an offending value quoted in an error message.
 MAX_SHOWN_INPUT = 80
 
+PATTERN_SEPARATOR = ","
 
-class NerOptions(BaseModel):
-    """Options of `merge_method: ner` (all optional)."""
+Granularity = Literal["tensor", "module", "layer"]
 
+
+def split_patterns(value: str | None) -> tuple[str, ...]:
+    """`"a, b"` -> ("a", "b"): the tensor-name globs of a pattern option."""
+    if value is None:
+        return ()
+    return tuple(part.strip() for part in value.split(PATTERN_SEPARATOR))
+
+
+def _check_patterns(value: str | None) -> str | None:
+    """Reject an empty pattern list or an empty item (a stray comma)."""
+    if value is not None and not all(split_patterns(value)):
+        raise ValueError(
+            "expected comma-separated tensor name patterns (globs such as "
+            "'lm_head.*'), with no empty item"
+        )
+    return value
+
+
+class _Options(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    @classmethod
+    def from_parameters(
+        cls, parameters: dict[str, Any] | None, where: str, prefix: str
+    ) -> "_Options":
+        """Validate one `parameters:` mapping; errors name `where` and the key."""
+        try:
+            return cls.model_validate(dict(parameters or {}))
+        except ValidationError as error:
+            raise RecipeError(
+                format_validation_error(error, where, "NER options", prefix)
+            ) from None
+
+
+class NerOptions(_Options):
+    """Options of `merge_method: ner`, under the recipe's `parameters:` (optional)."""
 
     source_map: str | None = Field(
         default=None,
         description="Path of a source map written by `ner-merge plan`. Without it, "
         "the planner scores the models and makes one just before the merge.",
+    )
+    granularity: Granularity = Field(
+        default="tensor",
+        description="What chooses its source as one unit inside a decoder layer: "
+        "each weight alone (`tensor`), each block, i.e. each child module of the "
+        "layer that holds scored weights such as `self_attn` or `mlp` (`module`), "
+        "or the whole layer (`layer`); a unit goes to the model with the highest "
+        "mean NER over its scored weights.",
+    )
+    keep_base: str | None = Field(
+        default=None,
+        description="Comma-separated globs of output tensor names that always come "
+        "from the base, e.g. 'model.embed_tokens.*,lm_head.*'. Each must match a "
+        "tensor.",
+    )
+    compat: Literal["nerd"] | None = Field(
+        default=None,
+        description="`nerd`: score and choose as the reference tool NERD does "
+        "(min-max scaled bfloat16 copies, every `.weight` scored, norms included).",
+    )
+    stabilize: bool = Field(
+        default=False,
+        description="NERD's second stage: in each tensor not taken from the base, "
+        "put back the base's value wherever |base| >= |chosen| and "
+        "|base| < median(|chosen|). Such tensors are no longer bit-identical to "
+        "their source; the source map records the share of base values.",
     )
 
     nonfinite: Literal["error", "lose"] = Field(
@@ -32,17 +95,26 @@ class NerOptions(BaseModel):
         "naming model and tensor; `lose` lets that copy lose to any finite one.",
     )
 
+    _check_keep_base = field_validator("keep_base")(_check_patterns)
+
     @classmethod
     def from_parameters(
         cls, parameters: dict[str, Any] | None, where: str = "recipe"
     ) -> "NerOptions":
-        """Validate a recipe's `parameters:`; errors name `where` and the key."""
-        try:
-            return cls.model_validate(dict(parameters or {}))
-        except ValidationError as error:
-            raise RecipeError(
-                format_validation_error(error, where, "NER options", "parameters")
-            ) from None
+        return super().from_parameters(parameters, where, "parameters")
+
+
+class NerModelOptions(_Options):
+    """Options of one fine-tuned model, under its `models:` entry's `parameters:`."""
+
+    exclude: str | None = Field(
+        default=None,
+        description="Comma-separated globs of output tensor names this model may "
+        "not supply (it is still scored, for the report); '*' excludes it from "
+        "every tensor. Each must match a tensor.",
+    )
+
+    _check_exclude = field_validator("exclude")(_check_patterns)
 
 
 def format_validation_error(

@@ -32,6 +32,7 @@ from ner_merge.planner import (
 from ner_merge.recipe import METHOD_NAME, Recipe
 from ner_merge.report import write_report
 from ner_merge.source_map import SourceMap
+from ner_merge.vocabulary import vocabulary_alignment
 
 LOG = logging.getLogger(__name__)
 
@@ -119,7 +120,8 @@ def checked_source_map(
                 f"{model.fingerprint[:12]} on disk): plan again"
             )
     config = localized_config(recipe, models)
-    wanted = {t.name for t in output_tensors(config, models, merge_options)}
+    vocabulary = vocabulary_alignment(config, merge_options)
+    wanted = {t.name for t in output_tensors(config, models, merge_options, vocabulary)}
     missing, unknown = (
         wanted - set(source_map.tensors),
         set(source_map.tensors) - wanted,
@@ -144,8 +146,9 @@ def resolve_hand_edits(source_map: SourceMap) -> SourceMap:
     names = [model.name for model in source_map.models]
     tensors = dict(source_map.tensors)
     for name, choice in tensors.items():
-        if choice.rule == "highest-ner":
-            best = first_best([choice.scores.get(model) for model in names])
+        if choice.rule == "highest-ner":  # the best among models not excluded
+            eligible = [model not in choice.excluded for model in names]
+            best = first_best([choice.scores.get(model) for model in names], eligible)
             if best is not None and choice.source != names[best]:
                 tensors[name] = choice.model_copy(update={"rule": "override"})
     for name, choice in tensors.items():

@@ -1,7 +1,9 @@
 """The NER planner: score every weight matrix of every model, pick each tensor's source.
 
 Reading is streamed: one tensor of one model at a time, from memory-mapped
-safetensors shards, so planning a 7B trio holds a few matrices, never a model.
+safetensors shards, so planning a 7B trio holds a few matrices, never a model
+(token-indexed tensors under a tokenizer option are the exception: mergekit
+aligns all models' copies together, see vocabulary.py).
 
 The rules are in RULES below, in one place, and the report quotes them.
 Tensor names come from mergekit's architecture tables: no family is hard-coded.
@@ -9,35 +11,61 @@ Tensor names come from mergekit's architecture tables: no family is hard-coded.
 
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from math import prod
 
+import torch
 import tqdm
 from mergekit.architecture import ModelArchitecture, get_architecture_info
 from mergekit.architecture.base import ConfiguredModuleArchitecture, WeightInfo
-from mergekit.common import ModelReference
+from mergekit.common import ModelReference, dtype_from_name
 from mergekit.config import MergeConfiguration
 from mergekit.io.lazy_tensor_loader import LazyTensorLoader
 from mergekit.options import MergeOptions
 
-from ner_merge.errors import ModelError
+from ner_merge.errors import ModelError, RecipeError
 from ner_merge.models import ResolvedModel, resolve_model
 from ner_merge.ner import NonFiniteMatrixError, normalized_effective_rank
+from ner_merge.nerd import nerd_score, scores_like_nerd, stabilize
+from ner_merge.options import Granularity, split_patterns
 from ner_merge.recipe import Recipe
-from ner_merge.source_map import ModelEntry, SourceMap, TensorChoice
+from ner_merge.source_map import ModelEntry, SourceMap, TensorChoice, UnitChoice
+from ner_merge.units import unit_of
+from ner_merge.vocabulary import FIX_HINT, VocabularyAlignment, vocabulary_alignment
 
 LOG = logging.getLogger(__name__)
 
 RULES = """\
-- a 2-D floating-point weight is a *matrix*: it goes to the model whose copy has
-  the highest NER; on equal scores the earlier candidate wins (base first, then
-  the fine-tuned models in recipe order);
-- a tensor of any other shape that shares its module with a matrix (`X.bias`
-  beside a 2-D `X.weight`) follows that matrix, so a projection stays whole;
+- a 2-D floating-point weight is a *matrix*, and matrices are the *scored*
+  tensors: each goes to the model whose copy has the highest NER; on equal scores
+  the earlier candidate wins (base first, then the fine-tuned models in recipe
+  order);
+- a tensor that shares its module with a scored tensor (`X.bias` beside a 2-D
+  `X.weight`) follows it, so a projection stays whole;
+- with `granularity: module`, the scored tensors of each block of a decoder layer
+  (a child module of the layer, such as `self_attn` or `mlp`) go together to the
+  model with the highest mean score over them, and the block's other tensors
+  follow; with `granularity: layer` the same holds for the whole layer, norms
+  included. Outside the layers (embeddings, lm_head, final norm) every
+  granularity chooses tensor by tensor;
 - any other floating-point tensor (a norm's scale) follows its decoder layer: it
-  comes from the model that supplies most of that layer's matrix parameters
-  (outside the layers: most of the matrices outside the layers), ties again by
-  candidate order, because a norm rescales the inputs of the matrices around it;
-- non-floating-point tensors (integer buffers) come from the base.
+  comes from the model that supplies most of that layer's scored parameters
+  (outside the layers: most of the scored tensors outside the layers), ties again
+  by candidate order, because a norm rescales the inputs of the matrices around it;
+- non-floating-point tensors (integer buffers) come from the base;
+- `keep_base`: a tensor whose name matches comes from the base, and so does
+  everything that chooses with it (its module, its unit);
+- a model's `exclude`: it never supplies a matching tensor, nor anything that
+  chooses with one; the base is always eligible;
+- `compat: nerd` scores as the reference tool NERD does: every 1-D or 2-D
+  `.weight` (norms, embeddings and lm_head included) by the NER of its min-max
+  scaled bfloat16 copy (a 1-D weight by the entropy of its values);
+- `stabilize: true`: in every tensor not taken from the base, the base's value is
+  put back where |base| >= |chosen| and |base| < median(|chosen|); the share of
+  base values is recorded per tensor, and such tensors are not bit-identical to
+  their source.
 """
 
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
@@ -52,6 +80,7 @@ class OutputTensor:
     shape: tuple[int, ...]
     is_float: bool
     stored_names: tuple[str, ...]  # per candidate: the name in its files (aliases)
+    aligned_axis: int | None = None  # token axis mergekit re-indexes (vocabulary.py)
 
     @property
     def is_matrix(self) -> bool:
@@ -92,12 +121,17 @@ def resolve_models(recipe: Recipe) -> list[ResolvedModel]:
 
 
 def output_tensors(
-    config: MergeConfiguration, models: list[ResolvedModel], merge_options: MergeOptions
+    config: MergeConfiguration,
+    models: list[ResolvedModel],
+    merge_options: MergeOptions,
+    vocabulary: VocabularyAlignment | None = None,
 ) -> list[OutputTensor]:
     """Every tensor of the output, in architecture order, checked across models.
 
     All missing tensors, shape mismatches and layer-count differences are
-    collected and reported together, so one run shows everything to fix.
+    collected and reported together, so one run shows everything to fix. With a
+    tokenizer option (`vocabulary`), token-indexed tensors may differ along
+    their token axis: mergekit aligns them to the output vocabulary.
     """
     try:
         architecture = get_architecture_info(config, merge_options)
@@ -108,7 +142,7 @@ def output_tensors(
     problems: list[str] = []
     tensors: list[OutputTensor] = []
     for info, layer in _architecture_weights(architecture, config, models, problems):
-        tensor = _check_tensor(info, layer, models, problems)
+        tensor = _check_tensor(info, layer, models, vocabulary, problems)
         if tensor is not None:
             tensors.append(tensor)
     if problems:
@@ -147,6 +181,7 @@ def _check_tensor(
     info: WeightInfo,
     layer: int | None,
     models: list[ResolvedModel],
+    vocabulary: VocabularyAlignment | None,
     problems: list[str],
 ) -> OutputTensor | None:
     """Find one weight in every model; None for an optional weight nobody stores."""
@@ -166,54 +201,112 @@ def _check_tensor(
         headers.append(model.headers[name])
     if len(stored) < len(models):
         return None
-    shapes = {header.shape for header in headers}
-    if len(shapes) > 1:
+    shape = headers[0].shape
+    axis = info.vocabulary_axis if vocabulary is not None else None
+    if axis is not None:  # only the other axes must agree; mergekit aligns this one
+        shape = (*shape[:axis], vocabulary.size, *shape[axis + 1 :])
+    if len({_without(h.shape, axis) for h in headers}) > 1:
         listed = ", ".join(
             f"{m.name}: {list(h.shape)}" for m, h in zip(models, headers)
         )
-        hint = ""
-        if info.vocabulary_axis is not None:
-            hint = (
-                " (vocabulary sizes differ: ner-merge needs models with one vocabulary)"
-            )
-        problems.append(f"tensor {info.name}: shapes differ ({listed}){hint}")
+        hint = "" if info.vocabulary_axis is None or axis is not None else FIX_HINT
+        problems.append(
+            f"tensor {info.name}: shapes differ ({listed})" + (f": {hint}" * bool(hint))
+        )
         return None
     return OutputTensor(
         name=info.name,
         layer=layer,
-        shape=headers[0].shape,
+        shape=shape,
         is_float=all(header.dtype in FLOAT_DTYPES for header in headers),
         stored_names=tuple(stored),
+        aligned_axis=axis,
     )
+
+
+def _without(shape: tuple[int, ...], axis: int | None) -> tuple[int, ...]:
+    return shape if axis is None else shape[:axis] + shape[axis + 1 :]
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """Which output tensors are scored, and how (the spec's NER or NERD's)."""
+
+    name: str
+    selects: Callable[[OutputTensor], bool]
+    score: Callable[[torch.Tensor], float]
+
+
+SPEC_SCORING = Scoring("ner", lambda t: t.is_matrix, normalized_effective_rank)
+NERD_SCORING = Scoring(
+    "nerd", lambda t: t.is_float and scores_like_nerd(t.name, t.shape), nerd_score
+)
+
+
+class CopyReader:
+    """Every model's copy of an output tensor, as mergekit will hand it over.
+
+    Plain tensors are read one model at a time. Token-indexed tensors under a
+    tokenizer option are read together and aligned by mergekit's own code.
+    """
+
+    def __init__(
+        self, models: list[ResolvedModel], vocabulary: VocabularyAlignment | None
+    ):
+        self.references = [ModelReference.parse(m.path) for m in models]
+        self.loaders = [LazyTensorLoader(m.index, lazy_unpickle=False) for m in models]
+        self.vocabulary = vocabulary
+
+    def copies(
+        self, tensor: OutputTensor, dtype: torch.dtype | None = None
+    ) -> Iterator[torch.Tensor]:
+        """Each candidate's copy in candidate order, cast to `dtype` if given."""
+        raw = (
+            loader.get_tensor(stored)
+            for loader, stored in zip(self.loaders, tensor.stored_names)
+        )
+        cast = (x if dtype is None else x.to(dtype) for x in raw)
+        if tensor.aligned_axis is None or self.vocabulary is None:
+            yield from cast
+            return
+        aligned = self.vocabulary.align(
+            tensor.name, tensor.aligned_axis, dict(zip(self.references, cast))
+        )
+        yield from (aligned[reference] for reference in self.references)
+
+    def close(self) -> None:
+        for loader in self.loaders:
+            loader.flush()
 
 
 def score_matrices(
     tensors: list[OutputTensor],
     models: list[ResolvedModel],
+    reader: CopyReader,
+    scoring: Scoring = SPEC_SCORING,
     nonfinite: str = "error",
     quiet: bool = False,
 ) -> dict[str, list[float | None]]:
-    """NER of every model's copy of every matrix, streamed one tensor at a time.
+    """Every model's score of every given tensor, streamed one tensor at a time.
 
     A copy holding NaN or Inf stops the plan, naming model and tensor, unless
     `nonfinite` is "lose": then its score is None, which loses to any number.
     """
-    loaders = [LazyTensorLoader(model.index, lazy_unpickle=False) for model in models]
-    matrices = [t for t in tensors if t.is_matrix]
     scores: dict[str, list[float | None]] = {}
     progress = tqdm.tqdm(
-        total=len(matrices) * len(models),
+        total=len(tensors) * len(models),
         desc="NER scoring",
-        unit="matrix",
+        unit="tensor",
         disable=quiet,
     )
     with progress:
-        for tensor in matrices:
+        for tensor in tensors:
             row = []
-            for model, loader, stored in zip(models, loaders, tensor.stored_names):
-                matrix = loader.get_tensor(stored)
+            for model, stored, copy in zip(
+                models, tensor.stored_names, reader.copies(tensor)
+            ):
                 try:
-                    row.append(normalized_effective_rank(matrix))
+                    row.append(scoring.score(copy))
                 except NonFiniteMatrixError:
                     where = f"model {model.name}: tensor {stored} holds NaN or Inf"
                     if nonfinite != "lose":
@@ -223,75 +316,253 @@ def score_matrices(
                         ) from None
                     LOG.warning("%s; it loses this tensor", where)
                     row.append(None)
-                del matrix
+                del copy
                 progress.update()
             scores[tensor.name] = row
-    for loader in loaders:
-        loader.flush()
     return scores
 
 
-def first_best(values: list[float | None]) -> int | None:
-    """Index of the largest value, the earliest on ties (the tie rule).
+def first_best(
+    values: list[float | None], eligible: list[bool] | None = None
+) -> int | None:
+    """Index of the largest eligible value, the earliest on ties (the tie rule).
 
-    None (a copy that could not be scored) loses to any number; None if all are.
+    None (a copy that could not be scored) loses to any number, and so does an
+    ineligible model (see `exclude`); None if no value is left.
     """
     best = None
     for index, value in enumerate(values):
-        if value is not None and (best is None or value > values[best]):
+        if value is None or (eligible is not None and not eligible[index]):
+            continue
+        if best is None or value > values[best]:
             best = index
     return best
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The recipe's selection options: what chooses together, and who may win."""
+
+    granularity: Granularity = "tensor"
+    keep_base: tuple[str, ...] = ()
+    exclusions: tuple[tuple[str, ...], ...] = ()  # per candidate, base first
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> "Selection":
+        return cls(
+            granularity=recipe.options.granularity,
+            keep_base=split_patterns(recipe.options.keep_base),
+            exclusions=recipe.exclusions,
+        )
+
+    def kept(self, name: str) -> bool:
+        return any(fnmatchcase(name, pattern) for pattern in self.keep_base)
+
+    def eligible(self, name: str, count: int) -> list[bool]:
+        """Per candidate: may it supply this tensor? The base always may."""
+        patterns = list(self.exclusions) + [()] * (count - len(self.exclusions))
+        return [
+            index == 0 or not any(fnmatchcase(name, p) for p in patterns[index])
+            for index in range(count)
+        ]
+
+    def check_patterns(self, tensors: list[str], models: list[str], where: str):
+        """Every pattern must match some tensor: one that matches none is a typo."""
+        options = [("parameters.keep_base", self.keep_base)] + [
+            (f"parameters.exclude of model {model}", patterns)
+            for model, patterns in zip(models, self.exclusions)
+        ]
+        for option, patterns in options:
+            for pattern in patterns:
+                if not any(fnmatchcase(name, pattern) for name in tensors):
+                    raise RecipeError(
+                        f"{where}: {option}: pattern {pattern!r} matches no tensor "
+                        f"of these models (their names run from {tensors[0]} to "
+                        f"{tensors[-1]})"
+                    )
+
+
+@dataclass
+class _Group:
+    """Tensors that take one source together: a scored tensor or a unit, plus
+    the tensors that go with it."""
+
+    unit: str | None  # block or layer name; None for a tensor choosing alone
+    scored: list[OutputTensor] = field(default_factory=list)
+    followers: list[tuple[OutputTensor, str]] = field(default_factory=list)
+
+    def members(self) -> list[OutputTensor]:
+        return self.scored + [tensor for tensor, _ in self.followers]
+
+
+def group_tensors(
+    tensors: list[OutputTensor], selection: Selection, scoring: Scoring
+) -> tuple[dict[str, _Group], list[OutputTensor]]:
+    """Groups that choose as one, and the float tensors left to the layer rule."""
+    groups: dict[str, _Group] = {}
+    leaders: dict[str, str] = {}  # module -> key of the group of its scored tensor
+    for tensor in tensors:
+        if scoring.selects(tensor):
+            unit = unit_of(tensor.name, tensor.layer, selection.granularity)
+            key = unit or tensor.name
+            groups.setdefault(key, _Group(unit)).scored.append(tensor)
+            leaders[tensor.module] = key
+    rest = []
+    for tensor in tensors:
+        if scoring.selects(tensor) or not tensor.is_float:
+            continue
+        unit = unit_of(tensor.name, tensor.layer, selection.granularity)
+        if tensor.module in leaders:
+            group = groups[leaders[tensor.module]]
+            leader = next(t.name for t in group.scored if t.module == tensor.module)
+            group.followers.append((tensor, leader))
+        elif unit in groups:
+            groups[unit].followers.append((tensor, unit))
+        else:
+            rest.append(tensor)
+    return groups, rest
 
 
 def choose_sources(
     tensors: list[OutputTensor],
     scores: dict[str, list[float | None]],
     names: list[str],
+    selection: Selection = Selection(),
+    scoring: Scoring = SPEC_SCORING,
 ) -> dict[str, TensorChoice]:
-    """Apply the rules in this module's docstring to scored matrices."""
+    """Apply RULES to scored tensors: the choice of every tensor."""
+    groups, rest = group_tensors(tensors, selection, scoring)
     choices: dict[str, TensorChoice] = {}
     supplied: dict[int | None, Counter] = {}  # layer -> model index -> parameters
-    for tensor in tensors:
-        if tensor.is_matrix:
-            winner = first_best(scores[tensor.name])
+    for group in groups.values():
+        members = group.members()
+        if any(selection.kept(t.name) for t in members):
+            for tensor in members:
+                choices[tensor.name] = TensorChoice(
+                    source=names[0],
+                    rule="keep-base",
+                    layer=tensor.layer,
+                    shape=tensor.shape,
+                )
+            winner = 0
+        else:
+            eligible = [
+                all(flags)
+                for flags in zip(
+                    *(selection.eligible(t.name, len(names)) for t in members)
+                )
+            ]
+            means = [
+                _mean([scores[t.name][i] for t in group.scored])
+                for i in range(len(names))
+            ]
+            winner = first_best(means, eligible)
             if winner is None:
                 raise ModelError(
-                    f"tensor {tensor.name}: every model's copy is not finite"
+                    f"{group.unit or group.scored[0].name}: no eligible model's "
+                    "copy is finite"
                 )
-            choices[tensor.name] = TensorChoice(
-                source=names[winner],
-                rule="highest-ner",
-                layer=tensor.layer,
-                shape=tensor.shape,
-                scores=dict(zip(names, scores[tensor.name])),
-            )
-            parameters = tensor.shape[0] * tensor.shape[1]
-            supplied.setdefault(tensor.layer, Counter())[winner] += parameters
-    matrix_modules = {t.module: t.name for t in tensors if t.is_matrix}
-    for tensor in tensors:
-        if tensor.is_matrix:
-            continue
+            excluded = tuple(n for n, ok in zip(names, eligible) if not ok)
+            for tensor in group.scored:
+                choices[tensor.name] = TensorChoice(
+                    source=names[winner],
+                    rule="highest-ner" if group.unit is None else "highest-mean-ner",
+                    unit=group.unit,
+                    layer=tensor.layer,
+                    shape=tensor.shape,
+                    scores=dict(zip(names, scores[tensor.name])),
+                    excluded=excluded,
+                )
+            for tensor, leader in group.followers:
+                choices[tensor.name] = TensorChoice(
+                    source=names[winner],
+                    rule="follows",
+                    follows=leader,
+                    layer=tensor.layer,
+                    shape=tensor.shape,
+                    excluded=excluded,
+                )
+        for tensor in group.scored:
+            supplied.setdefault(tensor.layer, Counter())[winner] += prod(tensor.shape)
+    for tensor in rest:
         common = dict(layer=tensor.layer, shape=tensor.shape)
+        if selection.kept(tensor.name):
+            choices[tensor.name] = TensorChoice(
+                source=names[0], rule="keep-base", **common
+            )
+            continue
+        eligible = selection.eligible(tensor.name, len(names))
+        counts = supplied.get(tensor.layer, Counter())
+        winner = first_best([counts[i] for i in range(len(names))], eligible) or 0
+        group = (
+            "non-layer matrices" if tensor.layer is None else f"layer {tensor.layer}"
+        )
+        choices[tensor.name] = TensorChoice(
+            source=names[winner],
+            rule="follows",
+            follows=group,
+            excluded=tuple(n for n, ok in zip(names, eligible) if not ok),
+            **common,
+        )
+    for tensor in tensors:
         if not tensor.is_float:
-            choices[tensor.name] = TensorChoice(source=names[0], rule="base", **common)
-        elif tensor.module in matrix_modules:
-            matrix = matrix_modules[tensor.module]
-            source = choices[matrix].source
             choices[tensor.name] = TensorChoice(
-                source=source, rule="follows", follows=matrix, **common
-            )
-        else:
-            counts = supplied.get(tensor.layer, Counter())
-            winner = first_best([counts[i] for i in range(len(names))])
-            group = (
-                "non-layer matrices"
-                if tensor.layer is None
-                else f"layer {tensor.layer}"
-            )
-            choices[tensor.name] = TensorChoice(
-                source=names[winner], rule="follows", follows=group, **common
+                source=names[0], rule="base", layer=tensor.layer, shape=tensor.shape
             )
     return {tensor.name: choices[tensor.name] for tensor in tensors}
+
+
+def unit_choices(
+    choices: dict[str, TensorChoice], names: list[str]
+) -> dict[str, UnitChoice]:
+    """Each unit's source and per-model mean scores, from its tensors' choices."""
+    members: dict[str, list[TensorChoice]] = {}
+    for choice in choices.values():
+        if choice.rule == "highest-mean-ner" and choice.unit is not None:
+            members.setdefault(choice.unit, []).append(choice)
+    return {
+        unit: UnitChoice(
+            source=scored[0].source,
+            scores={
+                name: _mean([choice.scores[name] for choice in scored])
+                for name in names
+            },
+        )
+        for unit, scored in members.items()
+    }
+
+
+def _mean(values: list[float | None]) -> float | None:
+    """Mean score of a unit's copies from one model; None if any is not finite."""
+    if any(value is None for value in values):
+        return None
+    return sum(values) / len(values)
+
+
+def stabilized(
+    tensors: list[OutputTensor],
+    choices: dict[str, TensorChoice],
+    reader: CopyReader,
+    names: list[str],
+    dtype: torch.dtype | None,
+) -> dict[str, TensorChoice]:
+    """Choices with the share of base values the stabilize stage puts back.
+
+    Computed on the copies exactly as the merge method will see them (cast to the
+    recipe's dtype, aligned), with the same function, so the map states what the
+    merge writes.
+    """
+    result = dict(choices)
+    for tensor in tensors:
+        choice = choices[tensor.name]
+        if not tensor.is_float or choice.source == names[0]:
+            continue
+        copies = list(reader.copies(tensor, dtype))
+        _, from_base = stabilize(copies[0], copies[names.index(choice.source)])
+        result[tensor.name] = choice.model_copy(
+            update={"stabilized": from_base / copies[0].numel()}
+        )
+    return result
 
 
 def plan(
@@ -304,10 +575,35 @@ def plan(
     merge_options = merge_options or MergeOptions()
     models = models or resolve_models(recipe)
     config = localized_config(recipe, models)
-    tensors = output_tensors(config, models, merge_options)
-    quiet = quiet or merge_options.quiet
-    scores = score_matrices(tensors, models, recipe.options.nonfinite, quiet=quiet)
+    vocabulary = vocabulary_alignment(config, merge_options)
+    tensors = output_tensors(config, models, merge_options, vocabulary)
     names = [model.name for model in models]
+    selection = Selection.from_recipe(recipe)
+    selection.check_patterns([t.name for t in tensors], names, recipe.where)
+    scoring = NERD_SCORING if recipe.options.compat == "nerd" else SPEC_SCORING
+    groups, _ = group_tensors(tensors, selection, scoring)
+    to_score = [  # a group kept from the base needs no scores
+        tensor
+        for group in groups.values()
+        if not any(selection.kept(t.name) for t in group.members())
+        for tensor in group.scored
+    ]
+    reader = CopyReader(models, vocabulary)
+    try:
+        scores = score_matrices(
+            to_score,
+            models,
+            reader,
+            scoring,
+            recipe.options.nonfinite,
+            quiet=quiet or merge_options.quiet,
+        )
+        choices = choose_sources(tensors, scores, names, selection, scoring)
+        if recipe.options.stabilize:
+            dtype = dtype_from_name(config.dtype) if config.dtype else None
+            choices = stabilized(tensors, choices, reader, names, dtype)
+    finally:
+        reader.close()
     return SourceMap(
         models=tuple(
             ModelEntry(
@@ -320,5 +616,6 @@ def plan(
             for index, model in enumerate(models)
         ),
         options=recipe.options.model_dump(exclude={"source_map"}),
-        tensors=choose_sources(tensors, scores, names),
+        tensors=choices,
+        units=unit_choices(choices, names),
     )

@@ -1,7 +1,8 @@
 """Read a mergekit recipe with `merge_method: ner` and check it before any work.
 
 The recipe is an ordinary mergekit YAML document; `Recipe` pairs mergekit's own
-validated `MergeConfiguration` with the NER options from its `parameters:`.
+validated `MergeConfiguration` with the NER options from its `parameters:` and
+each fine-tuned model's options from its `models:` entry's `parameters:`.
 """
 
 from dataclasses import dataclass
@@ -13,7 +14,12 @@ from mergekit.config import MergeConfiguration
 from pydantic import ValidationError
 
 from ner_merge.errors import RecipeError
-from ner_merge.options import NerOptions, format_validation_error
+from ner_merge.options import (
+    NerModelOptions,
+    NerOptions,
+    format_validation_error,
+    split_patterns,
+)
 
 METHOD_NAME = "ner"
 
@@ -25,6 +31,8 @@ class Recipe:
     config: MergeConfiguration
     options: NerOptions
     where: str  # the file it came from, for error messages
+    # Per candidate (see candidates()): tensor-name globs it may not supply.
+    exclusions: tuple[tuple[str, ...], ...] = ()
 
     @classmethod
     def from_config(cls, config: MergeConfiguration, where: str = "recipe") -> "Recipe":
@@ -44,15 +52,31 @@ class Recipe:
                 f"{where}: base_model is required: ties go to the base, and the "
                 "config and tokenizer of the result come from it"
             )
-        recipe = cls(
-            config, NerOptions.from_parameters(config.parameters, where), where
-        )
-        if len(recipe.candidates()) < 2:
+        options = NerOptions.from_parameters(config.parameters, where)
+        candidates = _candidates(config)
+        if len(candidates) < 2:
             raise RecipeError(
                 f"{where}: models must list at least one fine-tuned model besides "
                 f"the base {config.base_model}"
             )
-        return recipe
+        exclusions: dict[ModelReference, tuple[str, ...]] = {}
+        for index, entry in enumerate(config.models or []):
+            prefix = f"models.{index}.parameters"
+            excluded = split_patterns(
+                NerModelOptions.from_parameters(entry.parameters, where, prefix).exclude
+            )
+            if excluded and entry.model == config.base_model:
+                raise RecipeError(
+                    f"{where}: {prefix}.exclude: the base cannot be excluded, it "
+                    "supplies every tensor no other model may"
+                )
+            exclusions[entry.model] = exclusions.get(entry.model, ()) + excluded
+        return cls(
+            config,
+            options,
+            where,
+            tuple(exclusions.get(model, ()) for model in candidates),
+        )
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Recipe":
@@ -85,8 +109,12 @@ class Recipe:
 
         This order is the tie rule: on equal scores the earlier candidate wins.
         """
-        ordered = [self.config.base_model]
-        for model in self.config.models or []:
-            if model.model not in ordered:
-                ordered.append(model.model)
-        return ordered
+        return _candidates(self.config)
+
+
+def _candidates(config: MergeConfiguration) -> list[ModelReference]:
+    ordered = [config.base_model]
+    for model in config.models or []:
+        if model.model not in ordered:
+            ordered.append(model.model)
+    return ordered

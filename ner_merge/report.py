@@ -9,6 +9,8 @@ map, except for the report's one `Created:` line.
 
 import datetime
 import logging
+from collections import Counter
+from math import prod
 from pathlib import Path
 
 from ner_merge.card import CARD_FILE
@@ -24,9 +26,77 @@ FIGURE_FILE = "ner_report.png"
 
 
 def _rule_text(choice: TensorChoice) -> str:
+    text = choice.rule
     if choice.rule == "follows":
-        return f"follows {choice.follows}"
-    return choice.rule
+        text = f"follows {choice.follows}"
+    elif choice.rule == "highest-mean-ner":
+        text = f"highest mean NER of {choice.unit}"
+    if choice.stabilized is not None:
+        text += f"; stabilized, {choice.stabilized:.1%} base values"
+    return text
+
+
+def _mean_text(score: float | None) -> str:
+    return "NaN/Inf" if score is None else f"{score:.4f}"
+
+
+def layer_sources(source_map: SourceMap) -> list[str]:
+    """A table: per decoder layer, which models supply its tensors.
+
+    One label per row means the layer is whole from one model, as
+    `granularity: layer` guarantees; a unit's mean scores follow.
+    """
+    labels = model_labels(source_map)
+    lines = [
+        "## Sources by layer",
+        "",
+        "| layer | sources (tensors) | chosen as one |",
+        "|---|---|---|",
+    ]
+    by_layer: dict[int, Counter] = {}
+    units: dict[int, set[str]] = {}
+    for choice in source_map.tensors.values():
+        if choice.layer is not None:
+            by_layer.setdefault(choice.layer, Counter())[labels[choice.source]] += 1
+            if choice.unit is not None:
+                units.setdefault(choice.layer, set()).add(choice.unit)
+    for layer, counts in sorted(by_layer.items()):
+        sources = ", ".join(f"{label} ({n})" for label, n in sorted(counts.items()))
+        chosen = "; ".join(
+            f"`{unit}` -> {labels[source_map.units[unit].source]} (mean "
+            + ", ".join(
+                f"{labels[model]} {_mean_text(score)}"
+                for model, score in source_map.units[unit].scores.items()
+            )
+            + ")"
+            for unit in sorted(units.get(layer, ()))
+        )
+        lines.append(f"| {layer} | {sources} | {chosen or '-'} |")
+    return lines + [""]
+
+
+def stabilized_modules(source_map: SourceMap) -> list[str]:
+    """Share of base values per module after the stabilize stage (if it ran)."""
+    shares: dict[str, list[float]] = {}  # module -> [base values, all values]
+    for name, choice in source_map.tensors.items():
+        if choice.stabilized is not None:
+            size = prod(choice.shape)
+            module = shares.setdefault(name.rsplit(".", 1)[0], [0.0, 0.0])
+            module[0] += choice.stabilized * size
+            module[1] += size
+    if not shares:
+        return []
+    lines = [
+        "## Stabilize: share of base values per module",
+        "",
+        "These tensors are not bit-identical to their source.",
+        "",
+        "| module | base values |",
+        "|---|---|",
+    ]
+    for module, (from_base, size) in shares.items():
+        lines.append(f"| `{module}` | {from_base / size:.2%} |")
+    return lines + [""]
 
 
 def _score_cell(choice: TensorChoice, model: str) -> str:
@@ -84,6 +154,7 @@ def render_report(
         "Options: " + (str(source_map.options) if source_map.options else "defaults"),
         "",
     ]
+    lines += layer_sources(source_map) + stabilized_modules(source_map)
     header = " | ".join(labels.values())
     by_layer: dict[int | None, list[tuple[str, TensorChoice]]] = {}
     for name, choice in source_map.tensors.items():

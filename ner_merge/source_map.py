@@ -19,10 +19,14 @@ from ner_merge.options import format_validation_error
 FORMAT_VERSION = 1
 
 Role = Literal["base", "fine-tuned"]
-# highest-ner: a scored matrix, won outright; follows: a tensor that goes with a
-# matrix or layer (biases, norms); base: not scored, copied from the base
-# (non-float buffers); override: set by hand in an edited map.
-Rule = Literal["highest-ner", "follows", "base", "override"]
+# highest-ner: a scored tensor, won outright; highest-mean-ner: a scored tensor
+# whose unit (block or layer, see units.py) won by mean NER; follows: a tensor
+# that goes with a matrix, unit or layer (biases, norms); base: not scored, copied
+# from the base (non-float buffers); keep-base: matched by the keep_base option;
+# override: set by hand in an edited map.
+Rule = Literal[
+    "highest-ner", "highest-mean-ner", "follows", "base", "keep-base", "override"
+]
 
 
 class _Frozen(BaseModel):
@@ -54,6 +58,29 @@ class TensorChoice(_Frozen):
         default=None,
         description="For rule 'follows': the matrix or group it goes with.",
     )
+    unit: str | None = Field(
+        default=None,
+        description="For rule 'highest-mean-ner': the block or layer that chose "
+        "as one (its mean scores are under `units`).",
+    )
+    excluded: tuple[str, ...] = Field(
+        default=(), description="Models the `exclude` option kept from supplying it."
+    )
+    stabilized: float | None = Field(
+        default=None,
+        description="Share of values the stabilize stage took from the base. When "
+        "set, the tensor is NOT bit-identical to its source.",
+    )
+
+
+class UnitChoice(_Frozen):
+    """A block or layer that chose its source as one (granularity module/layer)."""
+
+    source: str
+    scores: dict[str, float | None] = Field(
+        description="Each model's mean score over the unit's scored tensors; "
+        "null if one of them is NaN or Inf."
+    )
 
 
 class SourceMap(_Frozen):
@@ -63,6 +90,7 @@ class SourceMap(_Frozen):
     models: tuple[ModelEntry, ...]
     options: dict[str, object] = Field(description="The NER options used to plan.")
     tensors: dict[str, TensorChoice]
+    units: dict[str, UnitChoice] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _sources_are_known_models(self) -> "SourceMap":
@@ -71,12 +99,11 @@ class SourceMap(_Frozen):
             raise ValueError(f"models are listed twice: {names}")
         if [m.role for m in self.models].count("base") != 1:
             raise ValueError("exactly one model must have role 'base'")
-        for tensor, choice in self.tensors.items():
+        for name, choice in [*self.tensors.items(), *self.units.items()]:
             unknown = {choice.source, *choice.scores} - set(names)
             if unknown:
                 raise ValueError(
-                    f"tensor {tensor} names unknown model(s) {sorted(unknown)}; "
-                    f"known: {names}"
+                    f"{name} names unknown model(s) {sorted(unknown)}; known: {names}"
                 )
         return self
 

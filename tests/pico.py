@@ -20,6 +20,9 @@ FAMILIES = {
     "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
 }
 
+# Noise scale for an all-zero tensor (a fresh bias), which has no size of its own.
+ZERO_SPREAD = 0.02
+
 _TOKENIZER = None
 
 
@@ -66,6 +69,9 @@ def base_model(family: str, seed: int = 0, tied: bool = False, **overrides):
 def fine_tune(base, seed: int, plant: dict[str, str] | None = None):
     """A copy of `base` perturbed per tensor with seeded noise of varied scale.
 
+    Matrices and 1-D weights (norms, biases) alike, so that scores of norms
+    (`compat: nerd` scores them) differ between models too.
+
     plant maps a tensor name to "rank1" (its NER becomes 0) or "flat" (an
     orthogonal matrix: NER 1, the maximum).
     """
@@ -74,10 +80,12 @@ def fine_tune(base, seed: int, plant: dict[str, str] | None = None):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if parameter.ndim == 2:
-                scale = 0.5 * torch.rand((), generator=generator).item()
-                noise = torch.randn(parameter.shape, generator=generator)
-                parameter.add_(scale * parameter.std() * noise)
+            scale = 0.5 * torch.rand((), generator=generator).item()
+            noise = torch.randn(parameter.shape, generator=generator)
+            spread = float(parameter.std()) if parameter.numel() > 1 else 0.0
+            if spread == 0.0:  # a constant (a norm's ones, a zero bias): its size
+                spread = float(parameter.abs().mean()) or ZERO_SPREAD
+            parameter.add_(scale * spread * noise)
             planted = (plant or {}).get(name)
             if planted == "rank1":
                 u = torch.randn(parameter.shape[0], 1, generator=generator)

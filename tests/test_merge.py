@@ -97,21 +97,6 @@ def test_ties_go_to_the_base_then_the_earlier_model(tmp_path, qwen_trio):
     assert str(qwen_trio["one"]) in sources  # the fine-tune does win somewhere
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])
-def test_untuned_family_minimal_recipe(tmp_path, family):
-    """A family the code was never tuned on, with the plainest recipe."""
-    trio = build_trio(tmp_path / "models", family)
-    recipe = write_recipe(tmp_path / "r.yml", trio["base"], [trio["one"], trio["two"]])
-    out = tmp_path / "out"
-    run_merge(recipe, out)
-    source_map = assert_bit_identical_to_sources(out)
-    names = [m["name"] for m in source_map["models"]]
-    winners = brute_force_winners([trio["base"], trio["one"], trio["two"]])
-    assert winners, "no matrices found"
-    for tensor, winner in winners.items():
-        assert source_map["tensors"][tensor]["source"] == names[winner], tensor
-
-
 def test_cli_reports_bad_options_without_a_traceback(tmp_path, qwen_trio):
     recipe = write_recipe(
         tmp_path / "r.yml", qwen_trio["base"], [qwen_trio["one"]], sourcemap="x"
@@ -153,11 +138,3 @@ def test_planned_dtype_other_than_stored_is_still_copied_exactly(tmp_path, qwen_
     recipe.write_text(recipe.read_text().replace("bfloat16", "float32"))
     run_merge(recipe, tmp_path / "out")
     assert_bit_identical_to_sources(tmp_path / "out", dtype=torch.float32)
-
-
-def test_tied_embeddings_skip_lm_head(tmp_path):
-    trio = build_trio(tmp_path / "models", "qwen2", tied=True)
-    recipe = write_recipe(tmp_path / "r.yml", trio["base"], [trio["one"], trio["two"]])
-    run_merge(recipe, tmp_path / "out")
-    source_map = assert_bit_identical_to_sources(tmp_path / "out")
-    assert "lm_head.weight" not in source_map["tensors"]
