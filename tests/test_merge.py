@@ -17,7 +17,6 @@ from tests.conftest import (
     RANK1_TENSOR,
     assert_bit_identical_to_sources,
     brute_force_winners,
-    build_trio,
     load_tensors,
     reference_ner,
     run_merge,

@@ -41,6 +41,14 @@ MINIMAL = "merge_method: ner\nbase_model: /a\nmodels:\n  - model: /b\n"
     [
         ("parameters:\n  sourcemap: x.json\n", "parameters.sourcemap"),
         ("parameters:\n  source_map: 3\n", "parameters.source_map"),
+        ("parameters:\n  granularity: block\n", "parameters.granularity"),
+        ("parameters:\n  keep_base: 'lm_head.*,,x'\n", "parameters.keep_base"),
+        ("parameters:\n  keep_base: [lm_head.weight]\n", "parameters.keep_base"),
+        ("parameters:\n  compat: nerdy\n", "parameters.compat"),
+        ("parameters:\n  stabilize: 'yes'\n", "parameters.stabilize"),
+        ("    parameters:\n      exlude: x\n", "models.0.parameters.exlude"),
+        ("    parameters:\n      exclude: ','\n", "models.0.parameters.exclude"),
+        ("    parameters:\n      exclude: 3\n", "models.0.parameters.exclude"),
     ],
 )
 def test_bad_options_name_the_option_and_the_file(tmp_path, extra, field):
@@ -62,6 +70,10 @@ def test_bad_options_name_the_option_and_the_file(tmp_path, extra, field):
         ("merge_method: ner\nmodels:\n  - model: /b\n  - model: /c\n", "base_model"),
         ("merge_method: ner\nbase_model: /a\nmodels:\n  - model: /a\n", "at least one"),
         ("merge_method: ner\nbase_model: /a\nmodels: 7\n", "models"),
+        (
+            MINIMAL + "  - model: /a\n    parameters:\n      exclude: x\n",
+            "base cannot be excluded",
+        ),
     ],
 )
 def test_malformed_recipes_are_rejected_with_the_file_named(tmp_path, text, says):
@@ -69,6 +81,22 @@ def test_malformed_recipes_are_rejected_with_the_file_named(tmp_path, text, says
     with pytest.raises(RecipeError, match=says) as error:
         Recipe.from_file(path)
     assert str(path) in str(error.value)
+
+
+@pytest.mark.parametrize("option", ["keep_base", "exclude"])
+def test_a_pattern_that_matches_no_tensor_is_named(tmp_path, qwen_trio, option):
+    path = write_recipe(tmp_path / "r.yml", qwen_trio["base"], [qwen_trio["one"]])
+    text = path.read_text()
+    if option == "keep_base":
+        text += "parameters:\n  keep_base: lm_head.*,model.embed.weight\n"
+    else:
+        text = text.replace("/one\n", "/one\n  parameters:\n    exclude: mlp.*\n")
+    path.write_text(text)
+    with pytest.raises(RecipeError) as error:
+        plan(Recipe.from_file(path), quiet=True)
+    message = str(error.value)
+    assert f"parameters.{option}" in message and str(path) in message
+    assert ("'model.embed.weight'" if option == "keep_base" else "'mlp.*'") in message
 
 
 def test_missing_model_path_is_named(tmp_path, qwen_trio):
