@@ -209,10 +209,10 @@ def _check_tensor(
         listed = ", ".join(
             f"{m.name}: {list(h.shape)}" for m, h in zip(models, headers)
         )
-        hint = "" if info.vocabulary_axis is None or axis is not None else FIX_HINT
-        problems.append(
-            f"tensor {info.name}: shapes differ ({listed})" + (f": {hint}" * bool(hint))
-        )
+        problem = f"tensor {info.name}: shapes differ ({listed})"
+        if info.vocabulary_axis is not None and axis is None:
+            problem += f": {FIX_HINT}"
+        problems.append(problem)
         return None
     return OutputTensor(
         name=info.name,
