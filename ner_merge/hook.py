@@ -7,7 +7,9 @@ import finder. When mergekit itself is imported later, the finder acts right aft
 two of its modules execute:
 - `mergekit.merge_methods`: register the `ner` method;
 - `mergekit.merge`: wrap `run_merge`, which every mergekit CLI calls, so an NER
-  recipe is planned first and its output is written atomically with a report.
+  recipe is planned first and its output is written atomically with a report;
+- `mergekit.plan`: work around a mergekit bug that NER merges of BERT hit (see
+  `ner_merge.mergekit_fixes`).
 The CLIs bind `run_merge` by name when they import it, which is why the wrap has
 to happen as the module executes, not later.
 
@@ -38,9 +40,16 @@ def _wrap_run_merge(module: ModuleType) -> None:
     module.run_merge = with_ner_planning(module.run_merge)
 
 
+def _fix_planner(module: ModuleType) -> None:
+    from ner_merge.mergekit_fixes import fix_optional_aliases
+
+    fix_optional_aliases(module)
+
+
 AFTER_IMPORT = {
     "mergekit.merge_methods": _register_method,
     "mergekit.merge": _wrap_run_merge,
+    "mergekit.plan": _fix_planner,
 }
 
 

@@ -54,7 +54,8 @@ RULES = """\
   comes from the model that supplies most of that layer's scored parameters
   (outside the layers: most of the scored tensors outside the layers), ties again
   by candidate order, because a norm rescales the inputs of the matrices around it;
-- non-floating-point tensors (integer buffers) come from the base;
+- non-floating-point tensors (integer buffers), and optional tensors that some
+  models lack, come from the base;
 - `keep_base`: a tensor whose name matches comes from the base, and so does
   everything that chooses with it (its module, its unit);
 - a model's `exclude`: it never supplies a matching tensor, nor anything that
@@ -79,8 +80,10 @@ class OutputTensor:
     layer: int | None
     shape: tuple[int, ...]
     is_float: bool
-    stored_names: tuple[str, ...]  # per candidate: the name in its files (aliases)
+    # Per candidate: the name in its files (an alias, say); None where it lacks it.
+    stored_names: tuple[str | None, ...]
     aligned_axis: int | None = None  # token axis mergekit re-indexes (vocabulary.py)
+    base_only: bool = False  # an optional tensor some models lack: from the base
 
     @property
     def is_matrix(self) -> bool:
@@ -189,18 +192,16 @@ def _check_tensor(
     if info.optional and not any(n in m.headers for m in models for n in own_names):
         return None  # e.g. a tied lm_head: mergekit skips it too
     candidates = own_names + list(info.tied_names or ())
-    stored, headers = [], []
-    for model in models:
-        name = next((n for n in candidates if n in model.headers), None)
-        if name is None:
-            problems.append(
-                f"tensor {info.name}: missing from {model.name} ({model.path})"
-            )
-            continue
-        stored.append(name)
-        headers.append(model.headers[name])
-    if len(stored) < len(models):
+    stored = [next((n for n in candidates if n in m.headers), None) for m in models]
+    lacking = [model for model, name in zip(models, stored) if name is None]
+    if lacking and not (info.optional and stored[0] is not None):
+        problems += [
+            f"tensor {info.name}: missing from {m.name} ({m.path})" for m in lacking
+        ]
         return None
+    # An optional tensor only some models store (a buffer newer savers drop):
+    # mergekit passes the method the copies that exist, and the base has one.
+    headers = [m.headers[name] for m, name in zip(models, stored) if name is not None]
     shape = headers[0].shape
     axis = info.vocabulary_axis if vocabulary is not None else None
     if axis is not None:  # only the other axes must agree; mergekit aligns this one
@@ -221,6 +222,7 @@ def _check_tensor(
         is_float=all(header.dtype in FLOAT_DTYPES for header in headers),
         stored_names=tuple(stored),
         aligned_axis=axis,
+        base_only=bool(lacking),
     )
 
 
@@ -402,14 +404,14 @@ def group_tensors(
     groups: dict[str, _Group] = {}
     leaders: dict[str, str] = {}  # module -> key of the group of its scored tensor
     for tensor in tensors:
-        if scoring.selects(tensor):
+        if scoring.selects(tensor) and not tensor.base_only:
             unit = unit_of(tensor.name, tensor.layer, selection.granularity)
             key = unit or tensor.name
             groups.setdefault(key, _Group(unit)).scored.append(tensor)
             leaders[tensor.module] = key
     rest = []
     for tensor in tensors:
-        if scoring.selects(tensor) or not tensor.is_float:
+        if scoring.selects(tensor) or not tensor.is_float or tensor.base_only:
             continue
         unit = unit_of(tensor.name, tensor.layer, selection.granularity)
         if tensor.module in leaders:
@@ -505,7 +507,7 @@ def choose_sources(
             **common,
         )
     for tensor in tensors:
-        if not tensor.is_float:
+        if not tensor.is_float or tensor.base_only:
             choices[tensor.name] = TensorChoice(
                 source=names[0], rule="base", layer=tensor.layer, shape=tensor.shape
             )

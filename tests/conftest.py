@@ -59,12 +59,14 @@ def qwen_trio(trios) -> dict[str, Path]:
     return trios("qwen2")
 
 
-def write_recipe(path: Path, base: Path, models: list[Path], **parameters) -> Path:
+def write_recipe(
+    path: Path, base: Path, models: list[Path], dtype: str = "bfloat16", **parameters
+) -> Path:
     recipe = {
         "merge_method": "ner",
         "base_model": str(base),
         "models": [{"model": str(m)} for m in models],
-        "dtype": "bfloat16",
+        "dtype": dtype,
     }
     if parameters:
         recipe["parameters"] = parameters
@@ -105,14 +107,22 @@ def reference_ner(matrix: torch.Tensor) -> float:
 
 
 def brute_force_winners(models: list[Path]) -> dict[str, int]:
-    """For every 2-D tensor: index of the highest-NER model, first on ties."""
+    """For every 2-D float tensor: index of the highest-NER model, first on ties."""
     loaded = [load_tensors(m) for m in models]
     winners = {}
     for name, tensor in loaded[0].items():
-        if tensor.ndim == 2:
+        if tensor.ndim == 2 and tensor.is_floating_point():
             scores = [reference_ner(tensors[name]) for tensors in loaded]
             winners[name] = scores.index(max(scores))
     return winners
+
+
+BIT_VIEWS = {
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+}
 
 
 def reference_stabilize(base: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
@@ -139,14 +149,14 @@ def assert_bit_identical_to_sources(out: Path, dtype=torch.bfloat16):
     assert set(output) == set(source_map["tensors"])
     for name, tensor in output.items():
         choice = source_map["tensors"][name]
-        expected = sources[choice["source"]][name].to(dtype)
+        expected = sources[choice["source"]][name]
+        if expected.is_floating_point():  # integer buffers keep their dtype
+            expected = expected.to(dtype)
         if choice.get("stabilized") is not None:
             expected = reference_stabilize(sources[base][name].to(dtype), expected)
         if expected.shape != tensor.shape:
             expected = expected[: tensor.shape[0]]
         assert tensor.dtype == expected.dtype, name
-        assert torch.equal(
-            tensor.view(torch.int16 if dtype.itemsize == 2 else torch.int32),
-            expected.view(torch.int16 if dtype.itemsize == 2 else torch.int32),
-        ), name
+        bits = BIT_VIEWS.get(tensor.dtype, tensor.dtype)  # NaN-safe, -0.0 != 0.0
+        assert torch.equal(tensor.view(bits), expected.view(bits)), name
     return source_map
