@@ -13,18 +13,39 @@ from tests.conftest import write_recipe
 CONFIGS = Path(__file__).parent.parent / "configs"
 
 
-@pytest.mark.parametrize("name", ["qwen-ner.yml", "tiny-ner.yml"])
+def test_every_shipped_recipe_is_tested():
+    assert {path.name for path in CONFIGS.glob("*.yml")} == {
+        "qwen-ner.yml",
+        "llama-ner.yml",
+        "mistral-ner.yml",
+        "tiny-ner.yml",
+    }
+
+
+@pytest.mark.parametrize(
+    "name", ["qwen-ner.yml", "llama-ner.yml", "mistral-ner.yml", "tiny-ner.yml"]
+)
 def test_shipped_recipes_validate_offline(name):
     recipe = Recipe.from_file(CONFIGS / name)
     assert recipe.config.merge_method == "ner"
     assert len(recipe.candidates()) >= 3
 
 
-def test_qwen_recipe_uses_the_hub_7b_family():
-    recipe = Recipe.from_file(CONFIGS / "qwen-ner.yml")
+@pytest.mark.parametrize(
+    "name, base, family",
+    [
+        ("qwen-ner.yml", "Qwen/Qwen2.5-7B", "7B"),
+        ("llama-ner.yml", "meta-llama/Llama-3.1-8B", "Llama-3.1"),
+        ("mistral-ner.yml", "mistralai/Mistral-7B-v0.1", "7b"),
+    ],
+)
+def test_hub_recipes_name_one_base_and_its_fine_tunes(name, base, family):
+    recipe = Recipe.from_file(CONFIGS / name)
     names = [str(model) for model in recipe.candidates()]
-    assert names[0] == "Qwen/Qwen2.5-7B"
-    assert all(name.startswith("Qwen/Qwen2.5-") and "7B" in name for name in names)
+    assert names[0] == base
+    for model in names:  # Hub ids (org/name), all of the base's family
+        assert model.count("/") == 1 and not model.startswith((".", "/"))
+        assert family.lower() in model.lower(), model
 
 
 def _recipe(tmp_path: Path, text: str) -> Path:
