@@ -16,10 +16,10 @@ are computed in float32 as NERD does (on the tall orientation, which has the sam
 values and is several times faster on CPU), so scores agree with NERD's to float32
 rounding; the choices agree except on near-exact ties.
 
-NERD gives any tensor that fails to score a 0. That is *not* reproduced: a NaN or
-Inf raises NonFiniteMatrixError, which the planner turns into an error naming the
-model and tensor (exclude that model with `exclude`, and the remaining choices
-are NERD's).
+NERD gives any tensor that fails to score a 0, silently. That is *not*
+reproduced: a NaN or Inf raises NonFiniteMatrixError, and the planner's
+`nonfinite` option decides, as in every mode (`error` names model and tensor;
+`lose` makes the copy lose, NERD's choice unless every other copy scores 0).
 
 Stabilize is NERD's optional second stage, see `stabilize`.
 """
