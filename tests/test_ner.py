@@ -7,6 +7,7 @@ import torch
 
 from ner_merge.ner import (
     NonFiniteMatrixError,
+    gram_matrix,
     ner_from_singular_values,
     normalized_effective_rank,
 )
@@ -106,3 +107,47 @@ def test_non_finite_values_are_an_error():
         normalized_effective_rank(matrix)
     with pytest.raises(ValueError, match="2-D"):
         normalized_effective_rank(torch.ones(3))
+
+
+def test_symmetric_gram_blocks_cover_every_entry(monkeypatch):
+    monkeypatch.setattr("ner_merge.ner.GRAM_BLOCK_ROWS", 7)
+    monkeypatch.setattr("ner_merge.ner.GRAM_BLOCK_COLUMNS", 5)
+    a = torch.randn(30, 12, generator=torch.Generator().manual_seed(2)).bfloat16()
+    a64 = a.double()
+    assert torch.allclose(gram_matrix(a), a64.T @ a64, rtol=1e-14, atol=1e-12)
+
+
+def _count_svds(monkeypatch) -> list[tuple[int, ...]]:
+    calls: list[tuple[int, ...]] = []
+    real = torch.linalg.svdvals
+
+    def counting(matrix):
+        calls.append(tuple(matrix.shape))
+        return real(matrix)
+
+    monkeypatch.setattr(torch.linalg, "svdvals", counting)
+    return calls
+
+
+def test_large_bf16_matrix_takes_the_gram_route_at_full_accuracy(monkeypatch):
+    calls = _count_svds(monkeypatch)
+    matrix = torch.randn(800, 1200, generator=torch.Generator().manual_seed(4))
+    matrix = matrix.bfloat16()
+    score = normalized_effective_rank(matrix)
+    assert calls == []
+    assert abs(score - reference_ner(matrix.double())) <= 1e-9
+
+
+@pytest.mark.parametrize(
+    "spectrum",
+    [
+        torch.logspace(0, -10, 60, dtype=torch.float64),
+        torch.cat([torch.ones(50), torch.full((10,), 3e-12)]).double(),
+    ],
+    ids=["steep", "near-cutoff"],
+)
+def test_unreliable_gram_falls_back_to_an_exact_svd(spectrum, monkeypatch):
+    calls = _count_svds(monkeypatch)
+    matrix = with_spectrum(spectrum, 90, seed=8)
+    assert abs(normalized_effective_rank(matrix) - reference_ner(matrix)) <= 1e-9
+    assert calls == [(90, 60)]
