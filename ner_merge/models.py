@@ -34,6 +34,9 @@ class TensorHeader:
 
     dtype: str
     shape: tuple[int, ...]
+    path: str = ""  # the shard file, and where in it the data lie (ner_merge.reader)
+    start: int = 0
+    end: int = 0
 
 
 @dataclass(frozen=True)
@@ -67,10 +70,18 @@ class ResolvedModel:
         """Dtype and shape of every tensor, from the shard headers alone."""
         headers = {}
         for shard in self.index.shards:
-            header = read_safetensors_header(os.path.join(self.path, shard.filename))
+            shard_path = os.path.join(self.path, shard.filename)
+            header, data_start = read_safetensors_header(shard_path)
             for name, info in header.items():
                 if name != "__metadata__":
-                    headers[name] = TensorHeader(info["dtype"], tuple(info["shape"]))
+                    start, end = info["data_offsets"]
+                    headers[name] = TensorHeader(
+                        dtype=info["dtype"],
+                        shape=tuple(info["shape"]),
+                        path=shard_path,
+                        start=data_start + start,
+                        end=data_start + end,
+                    )
         return headers
 
     @cached_property
@@ -103,8 +114,9 @@ class ResolvedModel:
         return digest.hexdigest()
 
 
-def read_safetensors_header(file_path: str) -> dict:
-    """The JSON header of a safetensors file, checked against the file's size.
+def read_safetensors_header(file_path: str) -> tuple[dict, int]:
+    """The JSON header of a safetensors file, checked against the file's size, and
+    the offset where its data start.
 
     A truncated download or a corrupt file fails here, naming the file, before
     any tensor is scored, rather than deep inside a merge hours later.
@@ -131,7 +143,7 @@ def read_safetensors_header(file_path: str) -> dict:
                     f"truncated: tensor {name} ends at byte {info['data_offsets'][1]} "
                     f"of the data, which holds {data_size}"
                 )
-        return header
+        return header, 8 + length
     except (OSError, struct.error, ValueError, TypeError, IndexError) as error:
         raise ModelError(
             f"{file_path}: not a readable safetensors file ({error})"

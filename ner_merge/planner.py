@@ -1,9 +1,10 @@
 """The NER planner: score every weight matrix of every model, pick each tensor's source.
 
-Reading is streamed: one tensor of one model at a time, from memory-mapped
-safetensors shards, so planning a 7B trio holds a few matrices, never a model
-(token-indexed tensors under a tokenizer option are the exception: mergekit
-aligns all models' copies together, see vocabulary.py).
+Reading is streamed: one tensor of one model at a time, read into its own buffer
+(`ner_merge.reader`), so planning a 7B trio holds one matrix and its Gram matrix,
+never a model (token-indexed tensors under a tokenizer option are the exception:
+mergekit aligns all models' copies together, see vocabulary.py). Scores already
+in the score cache (`ner_merge.cache`) are neither read nor computed again.
 
 The rules are in RULES below, in one place, and the report quotes them.
 Tensor names come from mergekit's architecture tables: no family is hard-coded.
@@ -22,14 +23,15 @@ from mergekit.architecture import ModelArchitecture, get_architecture_info
 from mergekit.architecture.base import ConfiguredModuleArchitecture, WeightInfo
 from mergekit.common import ModelReference, dtype_from_name
 from mergekit.config import MergeConfiguration
-from mergekit.io.lazy_tensor_loader import LazyTensorLoader
 from mergekit.options import MergeOptions
 
+from ner_merge.cache import ScoreCache, default_cache_dir
 from ner_merge.errors import ModelError, RecipeError
 from ner_merge.models import ResolvedModel, resolve_model
 from ner_merge.ner import NonFiniteMatrixError, normalized_effective_rank
 from ner_merge.nerd import nerd_score, scores_like_nerd, stabilize
 from ner_merge.options import Granularity, split_patterns
+from ner_merge.reader import read_tensor
 from ner_merge.recipe import Recipe
 from ner_merge.source_map import ModelEntry, SourceMap, TensorChoice, UnitChoice
 from ner_merge.units import unit_of
@@ -248,27 +250,29 @@ NERD_SCORING = Scoring(
 class CopyReader:
     """Every model's copy of an output tensor, as mergekit will hand it over.
 
-    Plain tensors are read one model at a time. Token-indexed tensors under a
-    tokenizer option are read together and aligned by mergekit's own code.
+    Plain tensors are read one model at a time, each into a buffer of its own
+    (`ner_merge.reader`). Token-indexed tensors under a tokenizer option are read
+    together and aligned by mergekit's own code.
     """
 
     def __init__(
         self, models: list[ResolvedModel], vocabulary: VocabularyAlignment | None
     ):
+        self.models = models
         self.references = [ModelReference.parse(m.path) for m in models]
-        self.loaders = [LazyTensorLoader(m.index, lazy_unpickle=False) for m in models]
         self.vocabulary = vocabulary
+
+    def is_aligned(self, tensor: OutputTensor) -> bool:
+        """True when a copy depends on every model's vocabulary, not its own file."""
+        return tensor.aligned_axis is not None and self.vocabulary is not None
 
     def copies(
         self, tensor: OutputTensor, dtype: torch.dtype | None = None
     ) -> Iterator[torch.Tensor]:
         """Each candidate's copy in candidate order, cast to `dtype` if given."""
-        raw = (
-            loader.get_tensor(stored)
-            for loader, stored in zip(self.loaders, tensor.stored_names)
-        )
+        raw = (self.copy(tensor, index) for index in range(len(self.models)))
         cast = (x if dtype is None else x.to(dtype) for x in raw)
-        if tensor.aligned_axis is None or self.vocabulary is None:
+        if not self.is_aligned(tensor):
             yield from cast
             return
         aligned = self.vocabulary.align(
@@ -276,9 +280,10 @@ class CopyReader:
         )
         yield from (aligned[reference] for reference in self.references)
 
-    def close(self) -> None:
-        for loader in self.loaders:
-            loader.flush()
+    def copy(self, tensor: OutputTensor, index: int) -> torch.Tensor:
+        """Candidate `index`'s copy as stored (not aligned)."""
+        model = self.models[index]
+        return read_tensor(model.headers[tensor.stored_names[index]])
 
 
 def score_matrices(
@@ -288,11 +293,17 @@ def score_matrices(
     scoring: Scoring = SPEC_SCORING,
     nonfinite: str = "error",
     quiet: bool = False,
+    cache: ScoreCache | None = None,
+    device: str | None = None,
 ) -> dict[str, list[float | None]]:
     """Every model's score of every given tensor, streamed one tensor at a time.
 
     A copy holding NaN or Inf stops the plan, naming model and tensor, unless
     `nonfinite` is "lose": then its score is None, which loses to any number.
+    A score found in `cache` is taken from it and its copy is not even read; each
+    new score is stored at once, so an interrupted plan keeps its work. Aligned
+    copies (`CopyReader.is_aligned`) depend on every model's vocabulary at once,
+    so they bypass the cache. Scoring runs on `device` (mergekit's --device).
     """
     scores: dict[str, list[float | None]] = {}
     progress = tqdm.tqdm(
@@ -303,22 +314,27 @@ def score_matrices(
     )
     with progress:
         for tensor in tensors:
+            aligned = reader.copies(tensor) if reader.is_aligned(tensor) else None
+            usable = None if aligned else cache
             row = []
-            for model, stored, copy in zip(
-                models, tensor.stored_names, reader.copies(tensor)
-            ):
-                try:
-                    row.append(scoring.score(copy))
-                except NonFiniteMatrixError:
-                    where = f"model {model.name}: tensor {stored} holds NaN or Inf"
-                    if nonfinite != "lose":
-                        raise ModelError(
-                            f"{where} values (set `nonfinite: lose` to let such "
-                            "copies lose instead)"
-                        ) from None
-                    LOG.warning("%s; it loses this tensor", where)
-                    row.append(None)
-                del copy
+            for index, (model, stored) in enumerate(zip(models, tensor.stored_names)):
+                score = usable.get(model.fingerprint, stored) if usable else None
+                if score is None:
+                    copy = next(aligned) if aligned else reader.copy(tensor, index)
+                    try:
+                        score = scoring.score(copy.to(device) if device else copy)
+                    except NonFiniteMatrixError:
+                        where = f"model {model.name}: tensor {stored} holds NaN or Inf"
+                        if nonfinite != "lose":
+                            raise ModelError(
+                                f"{where} values (set `nonfinite: lose` to let such "
+                                "copies lose instead)"
+                            ) from None
+                        LOG.warning("%s; it loses this tensor", where)
+                    del copy
+                    if usable and score is not None:
+                        usable.put(model.fingerprint, stored, score)
+                row.append(score)
                 progress.update()
             scores[tensor.name] = row
     return scores
@@ -591,21 +607,21 @@ def plan(
         for tensor in group.scored
     ]
     reader = CopyReader(models, vocabulary)
-    try:
-        scores = score_matrices(
-            to_score,
-            models,
-            reader,
-            scoring,
-            recipe.options.nonfinite,
-            quiet=quiet or merge_options.quiet,
-        )
-        choices = choose_sources(tensors, scores, names, selection, scoring)
-        if recipe.options.stabilize:
-            dtype = dtype_from_name(config.dtype) if config.dtype else None
-            choices = stabilized(tensors, choices, reader, names, dtype)
-    finally:
-        reader.close()
+    cache_dir = default_cache_dir()
+    scores = score_matrices(
+        to_score,
+        models,
+        reader,
+        scoring,
+        recipe.options.nonfinite,
+        quiet=quiet or merge_options.quiet,
+        cache=ScoreCache(cache_dir, {"scoring": scoring.name}) if cache_dir else None,
+        device=merge_options.device,
+    )
+    choices = choose_sources(tensors, scores, names, selection, scoring)
+    if recipe.options.stabilize:
+        dtype = dtype_from_name(config.dtype) if config.dtype else None
+        choices = stabilized(tensors, choices, reader, names, dtype)
     return SourceMap(
         models=tuple(
             ModelEntry(

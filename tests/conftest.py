@@ -9,6 +9,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
+from ner_merge.cache import CACHE_DIR_VARIABLE
 from tests import pico
 
 # Planted winners: model 1's layer-0 q_proj is rank 1 (NER 0, must lose);
@@ -38,6 +39,15 @@ FAMILY_CASES = [
     ("gemma2", False),
     ("phi3", False),  # fused qkv_proj and gate_up_proj
 ]
+
+
+@pytest.fixture(autouse=True)
+def isolated_score_cache(tmp_path_factory, monkeypatch) -> Path:
+    """Every test gets an empty score cache of its own, never the user's, outside
+    its tmp_path (tests check what a run leaves there)."""
+    cache = tmp_path_factory.mktemp("score-cache")
+    monkeypatch.setenv(CACHE_DIR_VARIABLE, str(cache))
+    return cache
 
 
 @pytest.fixture(scope="session")
