@@ -13,50 +13,60 @@ column permutations; only the absolute 1e-12 cut-off is not scale-free, as the
 specification says.
 
 Whatever the storage dtype (bf16, fp16, fp32), the arithmetic is float64 and
-every result carries a proven NER error below NER_TOLERANCE, so the score
+every result carries a bounded NER error below NER_TOLERANCE, so the score
 depends on the stored values and on nothing else.
 
 Route (see `singular_values`): the eigenvalues of the float64 Gram matrix
-G = A^T A of the tall orientation, formed as a symmetric product (about half the
-flops of a GEMM) from float64 copies of a few thousand rows at a time; a bound on
-what rounding does to NER decides whether to trust them, and an exact float64
-SVD replaces them when it does not (steep or near-singular spectra).
+G = A^T A of the tall orientation, formed by BLAS syrk (the lower triangle only,
+half the flops of a GEMM) from float64 copies of a few thousand rows at a time.
+A bound on what rounding can do to NER decides whether to trust them; an exact
+float64 SVD replaces them when it cannot (steep or near-singular spectra).
 
-Why not float32 anywhere: float32 Gram eigenvalues carry errors near
-1e-7 * lambda_max, and no bound built on that proves NER to 1e-6 even on
-well-conditioned Gaussian matrices, let alone the count k of values above the
-cut-off on square ones, whose smallest eigenvalue is ~1e-8 * lambda_max.
+Why not float32: its eigenvalues carry errors near 1e-7 * lambda_max times a
+factor that grows like sqrt(n). On Gaussian 18944 x 3584 and 4864 x 896 matrices
+the same bound (budget included) gives 2.1e-6 and 1.2e-6 for a float32
+eigensolve where its true error was 4e-9 and 2e-10: no guard can trust float32
+where it would save the most time, so the speed comes from doing the float64
+work once and at full BLAS speed instead.
 """
 
 import math
+from collections.abc import Iterator
 
 import torch
+from scipy.linalg.blas import dsyrk
 
 # Bump when a change can alter any score beyond rounding: cached scores made by
 # another version are then ignored (see ner_merge.cache).
-KERNEL_VERSION = 2
+KERNEL_VERSION = 3
 
 # Singular values at or below this are treated as exact zeros (the specification).
 SINGULAR_VALUE_CUTOFF = 1e-12
 
-# Rounding budget of one Gram eigenvalue, in units of sqrt(m) * eps * lambda_max.
-# Forming A^T A and solving it are backward stable; typical errors are far below
-# this, so a result that passes the guard is accurate with a wide margin.
-GRAM_SAFETY_FACTOR = 100.0
+# Rounding budget of one Gram eigenvalue, in units of sqrt(n) * eps * lambda_max.
+# Forming and solving G is backward stable; the worst errors measured here (float64
+# SVD references, shapes 896^2 to 151936 x 896 and 18944 x 3584, Gaussian,
+# power-law and steep spectra) stayed below 1.6 units, with no growth in m.
+GRAM_SAFETY_FACTOR = 10.0
 
-# Largest NER error the Gram route may carry by its own error bound; beyond it an
-# exact SVD decides. Far below the 1e-6 the product promises.
-NER_TOLERANCE = 1e-10
+# Largest NER error the Gram route may carry by its own bound (worst case over
+# every eigenvalue's error and sign); beyond it an exact SVD decides. A tenth of
+# the 1e-6 the product promises.
+NER_TOLERANCE = 1e-7
 
-# Column block of the symmetric Gram product: 28 block products of m x 512 x 512
-# cover the lower triangle of a 3584-wide Gram matrix where a GEMM would do 49,
-# and a 512-wide block still runs at full GEMM speed.
+# Largest relative doubt on any singular value the bound below accepts: it is a
+# first-order bound made safe for steps this small, not for larger ones.
+LARGEST_RELATIVE_DOUBT = 1e-2
+
+# Rows are converted to float64 in blocks of about this many elements (64 MB):
+# a 151936 x 896 bf16 embedding never exists whole in float64, and a 2340-row
+# block of a 3584-wide matrix still keeps syrk at full speed.
+GRAM_BLOCK_ELEMENTS = 1 << 23
+
+# Column block of the symmetric product on devices without syrk (CUDA): 28 block
+# products of m x 512 x 512 cover the lower triangle of a 3584-wide Gram matrix
+# where a GEMM would do 49.
 GRAM_BLOCK_COLUMNS = 512
-
-# Rows converted to float64 at a time: the copy of a 151936 x 896 bf16 embedding
-# stays at 8192 rows (59 MB) instead of 1.1 GB, and 8192-row products keep GEMMs
-# efficient.
-GRAM_BLOCK_ROWS = 8192
 
 FLOAT64_EPS = torch.finfo(torch.float64).eps
 
@@ -72,8 +82,8 @@ def singular_values(
 
     The work runs on `device` (default: where the matrix is) and the result stays
     there. Forming G squares the condition number, so each eigenvalue carries an
-    absolute error up to about delta = sqrt(m) * eps * lambda_max; when
-    `_ner_error_within` cannot prove that harmless, a float64 SVD is computed.
+    absolute error up to about delta = sqrt(n) * eps * lambda_max; when
+    `ner_error_bound` cannot prove that harmless, a float64 SVD is computed.
     """
     if matrix.ndim != 2:
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(matrix.shape)}")
@@ -82,48 +92,92 @@ def singular_values(
         raise NonFiniteMatrixError("matrix holds NaN or Inf values")
     if a.shape[0] < a.shape[1]:
         a = a.T  # tall orientation (m, n), m >= n: same singular values
-    eigenvalues = torch.linalg.eigvalsh(gram_matrix(a))  # (n,), ascending
-    delta = GRAM_SAFETY_FACTOR * math.sqrt(a.shape[0]) * FLOAT64_EPS
-    if _ner_error_within(eigenvalues, delta * eigenvalues[-1].item()):
+    eigenvalues = torch.linalg.eigvalsh(gram_lower_triangle(a), UPLO="L")  # ascending
+    delta = GRAM_SAFETY_FACTOR * math.sqrt(a.shape[1]) * FLOAT64_EPS
+    if ner_error_bound(eigenvalues, delta * eigenvalues[-1].item()) <= NER_TOLERANCE:
         return eigenvalues.sqrt()
     return torch.linalg.svdvals(a.to(torch.float64))
 
 
-def gram_matrix(a: torch.Tensor) -> torch.Tensor:
-    """A^T A (n x n, float64) of a tall (m, n) matrix of any float dtype.
+def gram_lower_triangle(a: torch.Tensor) -> torch.Tensor:
+    """A^T A (n x n, float64) of a tall (m, n) matrix of any float dtype, in the
+    lower triangle only: eigvalsh reads no more, and mirroring a 3584-wide matrix
+    would cost a third of the product's time.
 
-    Rows are converted to float64 GRAM_BLOCK_ROWS at a time, so a bf16 embedding
-    never exists whole in float64. Within a row block, blocks of
-    GRAM_BLOCK_COLUMNS columns cover only the lower triangle, each product mirrored
-    above the diagonal, as BLAS syrk does (torch exposes no syrk).
+    Rows are converted to float64 GRAM_BLOCK_ELEMENTS at a time.
     """
     m, n = a.shape
-    gram = torch.zeros(n, n, dtype=torch.float64, device=a.device)
-    for start in range(0, m, GRAM_BLOCK_ROWS):
-        rows = a[start : start + GRAM_BLOCK_ROWS].to(torch.float64)  # (r, n)
+    block_rows = max(1, GRAM_BLOCK_ELEMENTS // n)
+    blocks = (a[i : i + block_rows] for i in range(0, m, block_rows))
+    if a.device.type == "cpu":
+        return _cpu_gram_lower(blocks)
+    return _blocked_gram_lower(blocks, n, a.device)
+
+
+def _cpu_gram_lower(blocks: Iterator[torch.Tensor]) -> torch.Tensor:
+    """Gram matrix by BLAS dsyrk (torch has no syrk), in Fortran order.
+
+    Each block is converted to float64 in its own layout (a wide matrix arrives
+    transposed, so its rows are Fortran-ordered) and handed to syrk as it lies:
+    a C-ordered (r, n) block is to Fortran its transpose B, summed as B B^T; a
+    Fortran-ordered one is the block itself, summed as B^T B.
+    """
+    gram = None
+    for block in blocks:
+        if block.stride(-1) == 1:
+            rows = block.to(torch.float64).numpy()
+            gram = dsyrk(1.0, rows.T, beta=1.0, c=gram, lower=1, overwrite_c=1)
+        else:
+            rows = block.T.to(torch.float64).numpy().T
+            gram = dsyrk(1.0, rows, beta=1.0, c=gram, trans=1, lower=1, overwrite_c=1)
+    return torch.from_numpy(gram)
+
+
+def _blocked_gram_lower(
+    blocks: Iterator[torch.Tensor], n: int, device: torch.device
+) -> torch.Tensor:
+    """Gram matrix from GEMMs on the column blocks of its lower triangle (the
+    diagonal blocks whole), as syrk would."""
+    gram = torch.zeros(n, n, dtype=torch.float64, device=device)
+    for block in blocks:
+        rows = block.to(torch.float64)
         for i in range(0, n, GRAM_BLOCK_COLUMNS):
             left = slice(i, i + GRAM_BLOCK_COLUMNS)
             for j in range(0, i + 1, GRAM_BLOCK_COLUMNS):
                 right = slice(j, j + GRAM_BLOCK_COLUMNS)
                 gram[left, right] += rows[:, left].T @ rows[:, right]
-    lower = torch.tril(gram)
-    return lower + torch.tril(gram, -1).T
+    return gram
 
 
-def _ner_error_within(eigenvalues: torch.Tensor, delta: float) -> bool:
-    """True when eigenvalues off by up to delta give NER within NER_TOLERANCE and
-    the exact count k."""
-    # Every eigenvalue must stand clear of its noise, and every singular value clear
-    # of the cut-off, or the count k itself is in doubt.
-    if eigenvalues[0].item() - delta <= max(delta, SINGULAR_VALUE_CUTOFF**2):
-        return False
+def ner_error_bound(eigenvalues: torch.Tensor, delta: float) -> float:
+    """Largest NER error if each Gram eigenvalue may be off by up to delta
+    (infinite when even the count k of singular values above the cut-off is in
+    doubt).
+
+    With t_i = ln s_i, dH/dt_i = -p_i (log2 p_i + H): a common relative error of
+    all s_i leaves NER unchanged, and the sum below weighs each value's doubt
+    T_i = -ln(1 - delta / lambda_i) / 2 by how much it can move the entropy. Along
+    the step p_i grows at most by exp(2 T) and log2 p_i moves at most 2 T / ln 2;
+    the last lines bound those second-order effects.
+    """
+    if eigenvalues.numel() <= 1:
+        return 0.0  # k <= 1 whatever the error: NER is 0
+    if eigenvalues[0].item() - delta <= SINGULAR_VALUE_CUTOFF**2:
+        return math.inf
+    doubt = -torch.log1p(-delta / eigenvalues) / 2  # T_i, ascending with lambda
+    largest = doubt[0].item()
+    if largest > LARGEST_RELATIVE_DOUBT:
+        return math.inf
     s = eigenvalues.sqrt()
-    s_error = delta / (2 * s)  # first-order error of sqrt(lambda)
     p = s / s.sum()
-    # d(-p log2 p) = -(log2 p + 1/ln 2) dp, and dp is at most (ds + p * sum ds) / sum s
-    dp = (s_error + p * s_error.sum()) / s.sum()
-    entropy_error = ((p.log2().abs() + 1 / math.log(2)) * dp).sum().item()
-    return entropy_error <= NER_TOLERANCE * math.log2(s.numel())
+    entropy = -(p * p.log2()).sum()
+    first_order = (p * (p.log2() + entropy).abs() * doubt).sum().item()
+    spread = (p * doubt).sum().item()
+    growth = math.exp(2 * largest)
+    entropy_error = (growth * (first_order + 2 * largest * spread / math.log(2))) / (
+        1 - growth * spread
+    )
+    return entropy_error / math.log2(s.numel())
 
 
 def ner_from_singular_values(values: torch.Tensor) -> float:

@@ -7,7 +7,9 @@ import torch
 
 from ner_merge.ner import (
     NonFiniteMatrixError,
-    gram_matrix,
+    _blocked_gram_lower,
+    gram_lower_triangle,
+    ner_error_bound,
     ner_from_singular_values,
     normalized_effective_rank,
 )
@@ -109,12 +111,49 @@ def test_non_finite_values_are_an_error():
         normalized_effective_rank(torch.ones(3))
 
 
-def test_symmetric_gram_blocks_cover_every_entry(monkeypatch):
-    monkeypatch.setattr("ner_merge.ner.GRAM_BLOCK_ROWS", 7)
+@pytest.mark.parametrize("shape", [(30, 12), (12, 30), (5, 1), (1, 5)])
+def test_gram_lower_triangle_in_row_blocks(shape, monkeypatch):
+    # Blocks of 7 rows; a wide matrix reaches BLAS transposed (Fortran order).
+    monkeypatch.setattr("ner_merge.ner.GRAM_BLOCK_ELEMENTS", 7 * min(shape))
+    matrix = torch.randn(*shape, generator=torch.Generator().manual_seed(2)).bfloat16()
+    tall = matrix if shape[0] >= shape[1] else matrix.T
+    expected = torch.tril(tall.double().T @ tall.double())
+    assert torch.allclose(torch.tril(gram_lower_triangle(tall)), expected, rtol=1e-14)
+
+
+def test_column_blocked_gram_covers_the_lower_triangle(monkeypatch):
+    # The route for devices without syrk, run here on the CPU.
     monkeypatch.setattr("ner_merge.ner.GRAM_BLOCK_COLUMNS", 5)
-    a = torch.randn(30, 12, generator=torch.Generator().manual_seed(2)).bfloat16()
-    a64 = a.double()
-    assert torch.allclose(gram_matrix(a), a64.T @ a64, rtol=1e-14, atol=1e-12)
+    a = torch.randn(30, 12, generator=torch.Generator().manual_seed(2)).double()
+    blocks = iter([a[:7], a[7:]])
+    gram = _blocked_gram_lower(blocks, 12, torch.device("cpu"))
+    assert torch.allclose(torch.tril(gram), torch.tril(a.T @ a), rtol=1e-14)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_error_bound_covers_the_worst_perturbations(seed):
+    generator = torch.Generator().manual_seed(seed)
+    s = torch.rand(300, generator=generator, dtype=torch.float64) ** 4 + 1e-3
+    order = s.argsort()
+    eigenvalues = s[order] ** 2
+    delta = 1e-3 * eigenvalues[0].item()
+    bound = ner_error_bound(eigenvalues, delta)
+    exact = ner_from_singular_values(s)
+    # Moving every value along (or against) its entropy gradient is the first-order
+    # worst case; a common shift is a milder one.
+    p = s[order] / s.sum()
+    along_gradient = -(p.log2() - (p * p.log2()).sum()).sign()
+    changes = [
+        abs(ner_from_singular_values((eigenvalues + signs * delta).sqrt()) - exact)
+        for signs in (along_gradient, -along_gradient, torch.ones(300).double())
+    ]
+    assert 0 < max(changes) <= bound <= 1.5 * max(changes)
+
+
+def test_error_bound_is_infinite_when_the_count_is_in_doubt():
+    eigenvalues = torch.tensor([1e-20, 1.0, 2.0], dtype=torch.float64)
+    assert ner_error_bound(eigenvalues, 1e-19) == math.inf
+    assert ner_error_bound(eigenvalues, 1e-22) < 1e-6
 
 
 def _count_svds(monkeypatch) -> list[tuple[int, ...]]:
