@@ -31,7 +31,6 @@ work once and at full BLAS speed instead.
 """
 
 import math
-from collections.abc import Iterator
 
 import torch
 from scipy.linalg.blas import dsyrk
@@ -88,11 +87,15 @@ def singular_values(
     if matrix.ndim != 2:
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(matrix.shape)}")
     a = matrix.detach().to(device=device)
-    if not torch.isfinite(a).all():
-        raise NonFiniteMatrixError("matrix holds NaN or Inf values")
     if a.shape[0] < a.shape[1]:
         a = a.T  # tall orientation (m, n), m >= n: same singular values
-    eigenvalues = torch.linalg.eigvalsh(gram_lower_triangle(a), UPLO="L")  # ascending
+    gram = gram_lower_triangle(a)
+    # A NaN or Inf entry spoils its column's diagonal entry: n checks, not m * n.
+    if not torch.isfinite(gram.diagonal()).all():
+        if not torch.isfinite(a).all():
+            raise NonFiniteMatrixError("matrix holds NaN or Inf values")
+        return torch.linalg.svdvals(a.to(torch.float64))  # squares beyond float64
+    eigenvalues = torch.linalg.eigvalsh(gram, UPLO="L")  # ascending
     delta = GRAM_SAFETY_FACTOR * math.sqrt(a.shape[1]) * FLOAT64_EPS
     if ner_error_bound(eigenvalues, delta * eigenvalues[-1].item()) <= NER_TOLERANCE:
         return eigenvalues.sqrt()
@@ -106,41 +109,45 @@ def gram_lower_triangle(a: torch.Tensor) -> torch.Tensor:
 
     Rows are converted to float64 GRAM_BLOCK_ELEMENTS at a time.
     """
-    m, n = a.shape
-    block_rows = max(1, GRAM_BLOCK_ELEMENTS // n)
-    blocks = (a[i : i + block_rows] for i in range(0, m, block_rows))
+    block_rows = max(1, GRAM_BLOCK_ELEMENTS // a.shape[1])
     if a.device.type == "cpu":
-        return _cpu_gram_lower(blocks)
-    return _blocked_gram_lower(blocks, n, a.device)
+        return _cpu_gram_lower(a, block_rows)
+    return _blocked_gram_lower(a, block_rows)
 
 
-def _cpu_gram_lower(blocks: Iterator[torch.Tensor]) -> torch.Tensor:
+def _cpu_gram_lower(a: torch.Tensor, block_rows: int) -> torch.Tensor:
     """Gram matrix by BLAS dsyrk (torch has no syrk), in Fortran order.
 
-    Each block is converted to float64 in its own layout (a wide matrix arrives
-    transposed, so its rows are Fortran-ordered) and handed to syrk as it lies:
-    a C-ordered (r, n) block is to Fortran its transpose B, summed as B B^T; a
-    Fortran-ordered one is the block itself, summed as B^T B.
+    Each block is copied into one reused float64 buffer (fresh pages for every
+    block cost more than the conversion) in its own layout, and handed to syrk as
+    it lies: a C-ordered (r, n) block is to Fortran its transpose B, summed as
+    B B^T; a wide matrix arrives transposed, and its block is copied as the
+    C-ordered (n, r) matrix B^T, summed as B^T B.
     """
+    m, n = a.shape
+    buffer = torch.empty(min(block_rows, m) * n, dtype=torch.float64)
     gram = None
-    for block in blocks:
+    for start in range(0, m, block_rows):
+        block = a[start : start + block_rows]
+        size = block.numel()
         if block.stride(-1) == 1:
-            rows = block.to(torch.float64).numpy()
+            rows = buffer[:size].view(block.shape).copy_(block).numpy()
             gram = dsyrk(1.0, rows.T, beta=1.0, c=gram, lower=1, overwrite_c=1)
         else:
-            rows = block.T.to(torch.float64).numpy().T
-            gram = dsyrk(1.0, rows, beta=1.0, c=gram, trans=1, lower=1, overwrite_c=1)
+            columns = buffer[:size].view(block.T.shape).copy_(block.T).numpy()
+            gram = dsyrk(
+                1.0, columns.T, beta=1.0, c=gram, trans=1, lower=1, overwrite_c=1
+            )
     return torch.from_numpy(gram)
 
 
-def _blocked_gram_lower(
-    blocks: Iterator[torch.Tensor], n: int, device: torch.device
-) -> torch.Tensor:
+def _blocked_gram_lower(a: torch.Tensor, block_rows: int) -> torch.Tensor:
     """Gram matrix from GEMMs on the column blocks of its lower triangle (the
     diagonal blocks whole), as syrk would."""
-    gram = torch.zeros(n, n, dtype=torch.float64, device=device)
-    for block in blocks:
-        rows = block.to(torch.float64)
+    n = a.shape[1]
+    gram = torch.zeros(n, n, dtype=torch.float64, device=a.device)
+    for start in range(0, a.shape[0], block_rows):
+        rows = a[start : start + block_rows].to(torch.float64)
         for i in range(0, n, GRAM_BLOCK_COLUMNS):
             left = slice(i, i + GRAM_BLOCK_COLUMNS)
             for j in range(0, i + 1, GRAM_BLOCK_COLUMNS):

@@ -125,8 +125,7 @@ def test_column_blocked_gram_covers_the_lower_triangle(monkeypatch):
     # The route for devices without syrk, run here on the CPU.
     monkeypatch.setattr("ner_merge.ner.GRAM_BLOCK_COLUMNS", 5)
     a = torch.randn(30, 12, generator=torch.Generator().manual_seed(2)).double()
-    blocks = iter([a[:7], a[7:]])
-    gram = _blocked_gram_lower(blocks, 12, torch.device("cpu"))
+    gram = _blocked_gram_lower(a, block_rows=7)
     assert torch.allclose(torch.tril(gram), torch.tril(a.T @ a), rtol=1e-14)
 
 
@@ -190,3 +189,7 @@ def test_unreliable_gram_falls_back_to_an_exact_svd(spectrum, monkeypatch):
     matrix = with_spectrum(spectrum, 90, seed=8)
     assert abs(normalized_effective_rank(matrix) - reference_ner(matrix)) <= 1e-9
     assert calls == [(90, 60)]
+
+
+def test_values_whose_squares_overflow_are_scored_by_the_svd():
+    assert normalized_effective_rank(torch.eye(3, dtype=torch.float64) * 1e200) == 1.0
