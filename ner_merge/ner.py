@@ -171,7 +171,7 @@ def ner_error_bound(eigenvalues: torch.Tensor, delta: float) -> float:
         return 0.0  # k <= 1 whatever the error: NER is 0
     if eigenvalues[0].item() - delta <= SINGULAR_VALUE_CUTOFF**2:
         return math.inf
-    doubt = -torch.log1p(-delta / eigenvalues) / 2  # T_i, ascending with lambda
+    doubt = -torch.log1p(-delta / eigenvalues) / 2  # T_i, largest first
     largest = doubt[0].item()
     if largest > LARGEST_RELATIVE_DOUBT:
         return math.inf

@@ -14,7 +14,7 @@ once into a cache folder) are merged:
 then a first and a second (cached) plan are timed, and the merge alone with a
 ready source map against mergekit's `linear` merge of the same models. Every run
 is a subprocess of its own that reports its wall time (after imports) and its
-peak resident memory (getrusage ru_maxrss), so all figures come from one run of
+peak resident memory (VmHWM), so all figures come from one run of
 this script on one machine.
 
     python scripts/bench_merge.py [--quick] [--cache DIR]
@@ -228,8 +228,23 @@ def child(mode: str, models: list[Path], work: Path) -> None:
     elif mode == "reference":
         reference_pipeline(models, work / "out")
     seconds = time.perf_counter() - start
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"seconds": seconds, "peak_mb": peak_kb / 1024}))
+    print(json.dumps({"seconds": seconds, "peak_mb": peak_resident_mb()}))
+
+
+def peak_resident_mb() -> float:
+    """Peak resident memory of this process's own address space, in MB.
+
+    Not ru_maxrss: Linux carries a parent's peak into a child started by
+    vfork + exec, as subprocess does (measured: a parent holding 2 GB made an
+    empty child report 2061 MB), so a parent that has just built the models
+    would set every child's figure. VmHWM belongs to the child's own memory map.
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure(mode: str, models: list[Path], work: Path, cache: Path) -> dict:
