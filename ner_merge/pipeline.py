@@ -37,6 +37,10 @@ from ner_merge.vocabulary import vocabulary_alignment
 LOG = logging.getLogger(__name__)
 
 SOURCE_MAP_FILE = "ner_source_map.json"
+
+# Smallest output shard an NER merge picks by itself (bytes): tiny models still
+# come out as one file.
+SMALLEST_DEFAULT_SHARD = 256 << 20
 STAGING_SUFFIX = ".ner-partial"
 
 
@@ -89,13 +93,35 @@ def merge(
         run_merge(
             config.model_copy(update={"parameters": parameters}),
             str(staging),
-            merge_options.model_copy(update={"write_model_card": False}),
+            streaming_options(merge_options, models),
             config_source=config_source,
         )
         if merge_options.write_model_card:
             write_model_card(staging, recipe, config_source)
         write_report(staging, source_map, recipe)
     return source_map
+
+
+def streaming_options(
+    options: MergeOptions, models: list[ResolvedModel]
+) -> MergeOptions:
+    """mergekit's options for the merge itself: our model card replaces its own,
+    and, unless the user chose a shard size, shards hold about one largest tensor.
+
+    mergekit's writer keeps a whole output shard in memory, 5 GB by default: all
+    of a 0.5B model, a third of a 7B one. With shards the size of the largest
+    tensor (at least SMALLEST_DEFAULT_SHARD), a merge holds O(largest tensor)
+    whatever the model's size, at the price of more, smaller shard files.
+    """
+    updates: dict = {"write_model_card": False}
+    if options.out_shard_size == MergeOptions.model_fields["out_shard_size"].default:
+        largest = max(
+            header.end - header.start
+            for model in models
+            for header in model.headers.values()
+        )
+        updates["out_shard_size"] = max(largest, SMALLEST_DEFAULT_SHARD)
+    return options.model_copy(update=updates)
 
 
 def checked_source_map(

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 
 from ner_merge.planner import first_best, plan
 from ner_merge.recipe import Recipe
@@ -137,3 +138,21 @@ def test_planned_dtype_other_than_stored_is_still_copied_exactly(tmp_path, qwen_
     recipe.write_text(recipe.read_text().replace("bfloat16", "float32"))
     run_merge(recipe, tmp_path / "out")
     assert_bit_identical_to_sources(tmp_path / "out", dtype=torch.float32)
+
+
+def test_default_shards_hold_about_one_largest_tensor(tmp_path, qwen_trio, monkeypatch):
+    # mergekit's writer keeps a whole shard in memory (5 GB by default); an NER
+    # merge sizes shards by the largest tensor unless the user chose a size.
+    monkeypatch.setattr("ner_merge.pipeline.SMALLEST_DEFAULT_SHARD", 0)
+    recipe = write_recipe(
+        tmp_path / "recipe.yml", qwen_trio["base"], [qwen_trio["one"], qwen_trio["two"]]
+    )
+    run_merge(recipe, tmp_path / "small")
+    run_merge(recipe, tmp_path / "chosen", out_shard_size=10**12)
+    assert len(list((tmp_path / "chosen").glob("*.safetensors"))) == 1
+    shards = [load_file(p) for p in (tmp_path / "small").glob("*.safetensors")]
+    largest = max(t.nbytes for shard in shards for t in shard.values())
+    assert len(shards) > 2
+    for shard in shards:
+        assert len(shard) == 1 or sum(t.nbytes for t in shard.values()) <= largest
+    assert_bit_identical_to_sources(tmp_path / "small")
