@@ -12,6 +12,7 @@ planned one. The planning itself happens before the merge (see
 import os
 
 import torch
+from mergekit.io.tasks import LoaderCache
 from mergekit.merge_methods import TensorGroup, merge_method, registry
 
 from ner_merge.errors import SourceMapError
@@ -26,6 +27,10 @@ from ner_merge.source_map import ModelEntry, load_cached
     uses_accelerator=False,  # it only copies: keep tensors where they are
 )
 def ner_merge_method(group: TensorGroup, source_map: str) -> torch.Tensor:
+    # mergekit keeps every input shard memory-mapped for the whole merge, and each
+    # page read stays resident: memory would grow with the models. The group's
+    # tensors are loaded by now; closing the shards keeps one tensor per model.
+    LoaderCache().flush_all()
     plan = load_cached(source_map, os.stat(source_map).st_mtime_ns)
     name = group.metadata.name
     choice = plan.tensors.get(name)
