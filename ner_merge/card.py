@@ -13,7 +13,7 @@ from mergekit.card import generate_card
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 
-from ner_merge.recipe import Recipe
+from ner_merge.recipe import Recipe, candidate_models
 
 CARD_FILE = "README.md"
 RECIPE_COPY_FILE = "mergekit_config.yml"  # the name mergekit gives its copy
@@ -23,8 +23,7 @@ class _RecipeOrderConfiguration(MergeConfiguration):
     """A configuration whose models come out in recipe order, base first."""
 
     def referenced_models(self) -> list[ModelReference]:
-        ordered = [self.base_model] + [model.model for model in self.models or []]
-        return list(dict.fromkeys(ordered))
+        return candidate_models(self)
 
 
 def write_model_card(out: Path, recipe: Recipe, config_source: str) -> None:

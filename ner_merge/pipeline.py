@@ -37,11 +37,11 @@ from ner_merge.vocabulary import vocabulary_alignment
 LOG = logging.getLogger(__name__)
 
 SOURCE_MAP_FILE = "ner_source_map.json"
+STAGING_SUFFIX = ".ner-partial"
 
 # Smallest output shard an NER merge picks by itself (bytes): tiny models still
 # come out as one file.
 SMALLEST_DEFAULT_SHARD = 256 << 20
-STAGING_SUFFIX = ".ner-partial"
 
 
 def with_ner_planning(run_merge: Callable) -> Callable:

@@ -53,7 +53,7 @@ class Recipe:
                 "config and tokenizer of the result come from it"
             )
         options = NerOptions.from_parameters(config.parameters, where)
-        candidates = _candidates(config)
+        candidates = candidate_models(config)
         if len(candidates) < 2:
             raise RecipeError(
                 f"{where}: models must list at least one fine-tuned model besides "
@@ -109,12 +109,10 @@ class Recipe:
 
         This order is the tie rule: on equal scores the earlier candidate wins.
         """
-        return _candidates(self.config)
+        return candidate_models(self.config)
 
 
-def _candidates(config: MergeConfiguration) -> list[ModelReference]:
-    ordered = [config.base_model]
-    for model in config.models or []:
-        if model.model not in ordered:
-            ordered.append(model.model)
-    return ordered
+def candidate_models(config: MergeConfiguration) -> list[ModelReference]:
+    """The configuration's base, then each other model once, in recipe order."""
+    ordered = [config.base_model] + [model.model for model in config.models or []]
+    return list(dict.fromkeys(ordered))

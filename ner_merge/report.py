@@ -113,10 +113,7 @@ def totals(source_map: SourceMap) -> dict[str, tuple[int, int]]:
     result = {model.name: (0, 0) for model in source_map.models}
     for choice in source_map.tensors.values():
         count, parameters = result[choice.source]
-        size = 1
-        for dimension in choice.shape:
-            size *= dimension
-        result[choice.source] = (count + 1, parameters + size)
+        result[choice.source] = (count + 1, parameters + prod(choice.shape))
     return result
 
 
