@@ -31,7 +31,7 @@ from ner_merge.models import ResolvedModel, resolve_model
 from ner_merge.ner import NonFiniteMatrixError, normalized_effective_rank
 from ner_merge.nerd import nerd_score, scores_like_nerd, stabilize
 from ner_merge.options import Granularity, split_patterns
-from ner_merge.reader import read_tensor
+from ner_merge.reader import DTYPES, read_tensor
 from ner_merge.recipe import Recipe
 from ner_merge.source_map import ModelEntry, SourceMap, TensorChoice, UnitChoice
 from ner_merge.units import unit_of
@@ -71,7 +71,7 @@ RULES = """\
   their source.
 """
 
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+FLOAT_DTYPES = {name for name, dtype in DTYPES.items() if dtype.is_floating_point}
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ class VocabularyAlignment:
     def info(self) -> TokenizerInfo:
         return self._task.execute()
 
-    @property
+    @cached_property
     def size(self) -> int:
         """Length of the vocabulary axis of every aligned tensor.
 
