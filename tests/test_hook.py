@@ -1,11 +1,16 @@
 """The import hook: cheap at start-up, idempotent, and never fatal to mergekit."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 from mergekit.merge_methods import registry
 
+from ner_merge.hook import DISABLE_VARIABLE
 from ner_merge.method import register
+
+HOOK_SOURCE = Path(__file__).resolve().parents[1] / "ner_merge" / "hook.py"
 
 
 def python(code: str, *flags: str) -> subprocess.CompletedProcess:
@@ -52,11 +57,43 @@ def test_a_broken_hook_says_what_broke_and_mergekit_still_works():
     assert "ner-merge: could not attach to mergekit.merge_methods" in done.stderr
 
 
-def test_the_hook_can_be_switched_off():
+# What the hook does, seen from a fresh interpreter: whether its finder is on
+# sys.meta_path, whether mergekit knows `merge_method: ner`, and whether
+# run_merge is wrapped. The first line names the hook module that ran.
+HOOK_EFFECTS = """
+import sys
+import ner_merge.hook as hook
+import mergekit.merge as merge, mergekit.merge_methods as methods
+try:
+    methods.get("ner")
+    known = True
+except RuntimeError:
+    known = False
+print(hook.__file__)
+print(sum(type(f).__module__ == "ner_merge.hook" for f in sys.meta_path), known,
+      merge.run_merge.__code__.co_name)
+"""
+
+
+def hook_effects(switch: str | None) -> list[str]:
+    env = {k: v for k, v in os.environ.items() if k != DISABLE_VARIABLE}
+    if switch is not None:
+        env[DISABLE_VARIABLE] = switch
     done = subprocess.run(
-        [sys.executable, "-c", "import sys; print('ner_merge.hook' in sys.modules)"],
+        [sys.executable, "-c", HOOK_EFFECTS],
         capture_output=True,
         text=True,
-        env={"NER_MERGE_DISABLE_HOOK": "1", "PATH": ""},
+        timeout=120,
+        env=env,
     )
-    assert done.stdout.strip() == "True"  # imported, but installs no finder
+    assert done.returncode == 0, done.stderr
+    assert "ner-merge:" not in done.stderr  # nothing half-attached
+    hook_file, effects = done.stdout.splitlines()
+    assert Path(hook_file) == HOOK_SOURCE  # this working tree's hook ran
+    return effects.split()
+
+
+def test_the_hook_can_be_switched_off():
+    assert hook_effects(switch="1") == ["0", "False", "run_merge"]
+    # Without the switch the very same probe sees the hook at work.
+    assert hook_effects(switch=None) == ["1", "True", "run_merge_with_ner"]
