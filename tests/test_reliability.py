@@ -15,6 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from ner_merge.cache import CACHE_DIR_VARIABLE
 from ner_merge.errors import ModelError, SourceMapError
 from ner_merge.ner import normalized_effective_rank
 from ner_merge.planner import OutputTensor, choose_sources, plan
@@ -298,13 +299,14 @@ def test_two_runs_of_the_demo_recipe_are_byte_identical(tmp_path, qwen_trio):
     recipe["models"] = [{"model": str(qwen_trio[n])} for n in ("one", "two")]
     path = tmp_path / "tiny-ner.yml"
     path.write_text(yaml.safe_dump(recipe))
-    digests = []
+    digests, caches = [], []
     for seed in ("1", "2"):
         out = tmp_path / seed / "merged"  # one folder name: the model card quotes it
+        cache = tmp_path / seed / "score-cache"  # empty: each run scores afresh
         done = subprocess.run(
             [MERGEKIT_YAML, str(path), str(out), "--quiet"],
             capture_output=True,
-            env={**os.environ, "PYTHONHASHSEED": seed},
+            env={**os.environ, "PYTHONHASHSEED": seed, CACHE_DIR_VARIABLE: str(cache)},
         )
         assert done.returncode == 0, done.stderr
         report = out / "ner_report.md"
@@ -312,11 +314,19 @@ def test_two_runs_of_the_demo_recipe_are_byte_identical(tmp_path, qwen_trio):
         assert sum(line.startswith("Created: ") for line in lines) == 1
         report.write_text("\n".join(x for x in lines if not x.startswith("Created: ")))
         digests.append(_digest(out))
+        caches.append(_digest(cache))
+    assert all(caches)  # each run scored, into its own cache
     assert digests[0] == digests[1]
     assert {"model.safetensors", "ner_source_map.json", "README.md"} <= set(digests[0])
 
 
-def test_plans_do_not_depend_on_the_run(tmp_path, qwen_trio):
+def test_plans_do_not_depend_on_the_run(tmp_path, qwen_trio, monkeypatch):
     models = [qwen_trio["one"], qwen_trio["two"]]
-    first = plan_of(tmp_path, qwen_trio["base"], models).to_json()
-    assert plan_of(tmp_path, qwen_trio["base"], models).to_json() == first
+    plans, caches = [], []
+    for run in ("first", "second"):
+        cache = tmp_path / run / "score-cache"  # empty: each plan scores afresh
+        monkeypatch.setenv(CACHE_DIR_VARIABLE, str(cache))
+        plans.append(plan_of(tmp_path, qwen_trio["base"], models).to_json())
+        caches.append(_digest(cache))
+    assert all(caches)  # each run scored, into its own cache
+    assert plans[0] == plans[1]
