@@ -67,7 +67,7 @@ def test_layer_count_mismatch_is_named(tmp_path, qwen_trio):
     )
     with pytest.raises(ModelError, match="layer counts differ") as error:
         plan_of(tmp_path, qwen_trio["base"], [deeper])
-    assert "3" in str(error.value) and "2" in str(error.value)
+    assert f"({qwen_trio['base']}: 2, {deeper}: 3)" in str(error.value)
 
 
 def test_truncated_weights_are_named_before_scoring(tmp_path, qwen_trio):
@@ -81,11 +81,11 @@ def test_truncated_weights_are_named_before_scoring(tmp_path, qwen_trio):
 
 def test_garbage_weights_are_named(tmp_path, qwen_trio):
     junk = shutil.copytree(qwen_trio["one"], tmp_path / "junk")
-    (junk / "model.safetensors").write_bytes(
-        b"\x10\x00\x00\x00\x00\x00\x00\x00{not json"
-    )
-    with pytest.raises(ModelError, match="not a readable safetensors file"):
+    weights = junk / "model.safetensors"
+    weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(ModelError, match="not a readable safetensors file") as error:
         plan_of(tmp_path, qwen_trio["base"], [junk])
+    assert str(weights) in str(error.value)
 
 
 # --- odd values ----------------------------------------------------------------
@@ -179,8 +179,9 @@ def test_bad_hand_edits_are_named(tmp_path, qwen_trio, planned, edit, says):
     _, path, models = planned
     document = json.loads(path.read_text())
     edit(document)
-    with pytest.raises(SourceMapError, match=says):
+    with pytest.raises(SourceMapError, match=says) as error:
         _merge_with_map(tmp_path, qwen_trio, models, document)
+    assert str(tmp_path / "edited.json") in str(error.value)
     assert not (tmp_path / "out").exists()
 
 
