@@ -1,15 +1,17 @@
 """The score cache: every NER ever computed, on disk, keyed by what determines it.
 
-A score depends on the tensor's content (model fingerprint and tensor name), the
-scoring options and the kernel (KERNEL_VERSION). Each score is one small JSON
-file named by a hash of exactly those, under a folder per model fingerprint, so
-re-planning models already scored, in any recipe or order, reads nothing but
-headers and these files; a changed model has a new fingerprint and so misses.
+A score depends on exactly three things: the tensor's bytes (with dtype and shape:
+its content hash, see `ner_merge.content`), the scoring options and the kernel
+(KERNEL_VERSION). Each score is one small JSON file named by a hash of exactly
+those, so re-planning models already scored, in any recipe or order, reads
+nothing but headers, the content index and these files; a tensor whose bytes
+changed has another hash and so misses, and a tensor two models share (a
+fine-tune that left it alone) is scored once.
 
 Writes go to a temporary file in the same folder and are renamed into place
 (`os.replace` is atomic): concurrent runs at worst compute a score twice, and a
-run killed at any moment leaves either no entry or a whole one. An unreadable
-entry counts as a miss and is overwritten.
+run killed at any moment leaves either no entry or a whole one. An unreadable or
+malformed entry counts as a miss (said once per run) and is overwritten.
 """
 
 import hashlib
@@ -46,27 +48,35 @@ class ScoreCache:
     def __init__(self, root: Path, options: dict[str, Any]) -> None:
         self.root = Path(root) / f"kernel-{KERNEL_VERSION}"
         self.options = json.dumps(options, sort_keys=True)
+        self._warned = False
 
-    def _path(self, fingerprint: str, tensor: str) -> Path:
-        key = hashlib.sha256(f"{tensor}\0{self.options}".encode()).hexdigest()
-        return self.root / fingerprint / f"{key}.json"
+    def _path(self, tensor_hash: str) -> Path:
+        key = hashlib.sha256(f"{tensor_hash}\0{self.options}".encode()).hexdigest()
+        return self.root / key[:2] / f"{key}.json"
 
-    def get(self, fingerprint: str, tensor: str) -> float | None:
-        """The stored score, or None when absent or unreadable."""
+    def get(self, tensor_hash: str) -> float | None:
+        """The stored score of the tensor with this content hash, or None."""
+        path = self._path(tensor_hash)
         try:
-            entry = json.loads(self._path(fingerprint, tensor).read_text())
-        except (OSError, ValueError):
+            entry = json.loads(path.read_text())
+        except FileNotFoundError:
             return None
-        if entry.get("tensor") != tensor or entry.get("options") != self.options:
+        except (OSError, ValueError) as error:
+            self._warn(f"score cache entry {path} unreadable ({error})")
+            return None
+        score = entry.get("ner") if isinstance(entry, dict) else None
+        if not isinstance(score, float) or score != score:  # NaN is no score
+            self._warn(f"score cache entry {path} malformed")
+            return None
+        if entry.get("tensor") != tensor_hash or entry.get("options") != self.options:
             return None  # a hash collision or a foreign file: never trust it
-        score = entry.get("ner")
-        return float(score) if isinstance(score, (int, float)) else None
+        return score
 
-    def put(self, fingerprint: str, tensor: str, score: float) -> None:
+    def put(self, tensor_hash: str, score: float) -> None:
         """Store a score atomically. A cache that cannot be written only costs a
-        later re-computation, so that is a warning, not an error."""
-        path = self._path(fingerprint, tensor)
-        entry = {"tensor": tensor, "options": self.options, "ner": score}
+        later re-computation, so that is a warning (once), not an error."""
+        path = self._path(tensor_hash)
+        entry = {"tensor": tensor_hash, "options": self.options, "ner": score}
         temporary = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,6 +85,11 @@ class ScoreCache:
                 json.dump(entry, file)
             os.replace(temporary, path)
         except OSError as error:
-            LOG.warning("score cache %s not written: %s", path, error)
+            self._warn(f"score cache {self.root} not written ({error})")
             if temporary is not None and os.path.exists(temporary):
                 os.unlink(temporary)
+
+    def _warn(self, message: str) -> None:
+        if not self._warned:
+            LOG.warning("%s; scores missing from it are computed again", message)
+            self._warned = True

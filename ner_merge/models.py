@@ -2,12 +2,11 @@
 
 A model is a local folder or a Hugging Face Hub id (optionally `id@revision`). Hub
 ids resolve through huggingface_hub's cache, so `HF_HUB_OFFLINE=1` works with a
-filled cache, and the resolved commit is recorded. The fingerprint identifies a
-model's *content* cheaply, so a source map or cached score made for one model is
-never applied to another, even when both share one architecture.
+filled cache, and the resolved commit is recorded. A model's `content` holds the
+exact hash of every tensor (`ner_merge.content`), so a source map or cached score
+made for one model is never applied to another, nor to a model changed since.
 """
 
-import hashlib
 import json
 import os
 import struct
@@ -19,24 +18,12 @@ from mergekit.common import ModelReference
 from mergekit.io.lazy_tensor_loader import ShardedTensorIndex
 from transformers import PretrainedConfig
 
+from ner_merge.cache import default_cache_dir
+from ner_merge.content import DigestIndex, ModelContent
 from ner_merge.errors import ModelError
+from ner_merge.reader import TensorHeader
 
-# Fingerprint = hash of each shard's name, size, header and this many evenly spaced
-# blocks of its data: fine-tunes differ everywhere, so samples tell them apart.
-FINGERPRINT_SAMPLES = 16
-FINGERPRINT_BLOCK = 4096
 HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
-
-
-@dataclass(frozen=True)
-class TensorHeader:
-    """What a safetensors header says of one tensor, read without its data."""
-
-    dtype: str
-    shape: tuple[int, ...]
-    path: str = ""  # the shard file, and where in it the data lie (ner_merge.reader)
-    start: int = 0
-    end: int = 0
 
 
 @dataclass(frozen=True)
@@ -96,22 +83,11 @@ class ResolvedModel:
             ) from None
 
     @cached_property
-    def fingerprint(self) -> str:
-        """SHA-256 over shard names, sizes, headers and sampled data blocks."""
-        digest = hashlib.sha256()
-        for shard in sorted(self.index.shards, key=lambda s: s.filename):
-            file_path = os.path.join(self.path, shard.filename)
-            size = os.path.getsize(file_path)
-            digest.update(f"{shard.filename}\0{size}\0".encode())
-            with open(file_path, "rb") as file:
-                for i in range(FINGERPRINT_SAMPLES):
-                    file.seek(
-                        max(0, size - FINGERPRINT_BLOCK)
-                        * i
-                        // (FINGERPRINT_SAMPLES - 1)
-                    )
-                    digest.update(file.read(FINGERPRINT_BLOCK))
-        return digest.hexdigest()
+    def content(self) -> ModelContent:
+        """Every tensor's exact digest (indexed in the score cache's folder)."""
+        root = default_cache_dir()
+        index = DigestIndex(root) if root is not None else None
+        return ModelContent(self.name, self.headers, index)
 
 
 def read_safetensors_header(file_path: str) -> tuple[dict, int]:

@@ -6,9 +6,9 @@ memory to the size of the model. Reading each tensor's bytes into a buffer of
 its own keeps memory at the size of the tensor being scored.
 """
 
-import torch
+from dataclasses import dataclass
 
-from ner_merge.models import TensorHeader
+import torch
 
 # safetensors dtype names -> torch dtypes (those a model's weights use).
 DTYPES = {
@@ -27,13 +27,29 @@ DTYPES = {
 }
 
 
-def read_tensor(header: TensorHeader) -> torch.Tensor:
-    """The tensor's values, in a fresh buffer owned by the returned tensor."""
+@dataclass(frozen=True)
+class TensorHeader:
+    """What a safetensors header says of one tensor, read without its data."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    path: str = ""  # the shard file, and where in it the data lie
+    start: int = 0
+    end: int = 0
+
+
+def read_bytes(header: TensorHeader) -> bytearray:
+    """The tensor's raw bytes, in a fresh buffer."""
     buffer = bytearray(header.end - header.start)
     with open(header.path, "rb") as file:
         file.seek(header.start)
         if file.readinto(buffer) != len(buffer):
             raise OSError(f"{header.path}: file ends inside a tensor")
+    return buffer
+
+
+def as_tensor(header: TensorHeader, buffer: bytearray) -> torch.Tensor:
+    """The tensor stored in `buffer` (no copy: the tensor owns the buffer)."""
     dtype = DTYPES[header.dtype]
     if not buffer:
         return torch.empty(header.shape, dtype=dtype)
