@@ -1,0 +1,191 @@
+"""The output folder: checked before any work, locked for the run, written beside
+itself, and published by renames that a later run can finish.
+
+What is never done to OUT (the README's list):
+- an existing OUT is replaced only when it is a previous merge's output: it holds
+  the manifest a merge writes last, and nothing the manifest does not list;
+- OUT may not be, hold or lie inside an input model, nor be the current folder or
+  one that holds it;
+- a symbolic link is followed: its target is replaced and the link is kept;
+- two merges never write one OUT at once: a lock file beside OUT is held for the
+  whole run, and a second run stops at once, saying so;
+- a staged merge is complete once its manifest is written. Publishing moves the
+  old OUT aside, renames the staged folder to OUT, then deletes the old one. A run
+  killed between the two renames leaves both beside OUT, and the next run
+  finishes that publish (or, if the staged merge is incomplete, restores the old
+  OUT) before it starts; it deletes nothing else.
+"""
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ner_merge.errors import OutputError
+
+LOG = logging.getLogger(__name__)
+
+MANIFEST_FILE = ".ner-merge-manifest.json"  # written last: the merge is complete
+STAGING_SUFFIX = ".ner-partial"
+LOCK_SUFFIX = ".ner-lock"
+PREVIOUS = "previous"  # inside the staging root: OUT moved aside while publishing
+MAX_NAMED = 5  # files named in a refusal
+
+
+def _listed(paths: list[str]) -> str:
+    shown = ", ".join(paths[:MAX_NAMED])
+    return shown + (
+        f" and {len(paths) - MAX_NAMED} more" if len(paths) > MAX_NAMED else ""
+    )
+
+
+def _files_of(folder: Path) -> list[str]:
+    """Every file and folder under `folder`, relative, sorted."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def _manifest(folder: Path) -> set[str] | None:
+    """The files a merge wrote into `folder`, if a merge wrote it."""
+    try:
+        files = json.loads((folder / MANIFEST_FILE).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return set(files) if isinstance(files, list) else None
+
+
+class OutputFolder:
+    """OUT for one merge: `prepare()` before any work, `staged()` to write it."""
+
+    def __init__(self, out_path: str, inputs: list[str]) -> None:
+        self.given = out_path
+        self.target = Path(out_path).resolve()  # follows a symlinked OUT
+        self.inputs = [Path(path).resolve() for path in inputs]
+        self.root = self.target.parent / f".{self.target.name}{STAGING_SUFFIX}"
+        self.lock_path = self.target.parent / f".{self.target.name}{LOCK_SUFFIX}"
+
+    @contextmanager
+    def prepared(self) -> Iterator["OutputFolder"]:
+        """Lock OUT for the whole block, finish an interrupted publish, and refuse
+        an OUT that must not be replaced. All of it before any scoring."""
+        self._refuse_where_it_lies()
+        with self._locked():
+            self._recover()
+            self._refuse_what_it_holds()
+            yield self
+
+    def _refuse_where_it_lies(self) -> None:
+        here = Path.cwd().resolve()
+        if self.target == here or self.target in here.parents:
+            raise OutputError(
+                f"OUT {self.given}: is the current folder or holds it; a merge "
+                "replaces OUT whole, so name a new folder"
+            )
+        for model in self.inputs:
+            if self.target == model or model in self.target.parents:
+                raise OutputError(f"OUT {self.given}: lies in input model {model}")
+            if self.target in model.parents:
+                raise OutputError(f"OUT {self.given}: holds input model {model}")
+
+    def _refuse_what_it_holds(self) -> None:
+        if not self.target.exists():
+            return
+        if not self.target.is_dir():
+            raise OutputError(f"OUT {self.given}: is a file, not a folder")
+        present = _files_of(self.target)
+        if not present:
+            return
+        written = _manifest(self.target)
+        if written is None:
+            raise OutputError(
+                f"OUT {self.given}: exists and is not a merge's output (it holds "
+                f"{_listed(present)}); choose another folder or empty it yourself"
+            )
+        foreign = [name for name in present if name not in written]
+        if foreign:
+            raise OutputError(
+                f"OUT {self.given}: a merge's output with files added since "
+                f"({_listed(foreign)}); move them out or choose another folder"
+            )
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            while True:
+                handle = os.open(self.lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(handle)
+                    raise OutputError(
+                        f"OUT {self.given}: another merge is writing it (it holds "
+                        f"{self.lock_path}); wait for it to end"
+                    ) from None
+                # The holder before us may have removed the file as we opened it.
+                if os.path.exists(self.lock_path) and os.path.samestat(
+                    os.fstat(handle), os.stat(self.lock_path)
+                ):
+                    break
+                os.close(handle)
+        except OSError as error:
+            raise OutputError(
+                f"OUT {self.given}: cannot write beside it ({error.strerror}: "
+                f"{error.filename})"
+            ) from None
+        try:
+            yield
+        finally:
+            os.unlink(self.lock_path)
+            os.close(handle)
+
+    def _recover(self) -> None:
+        """Finish or undo what a killed run left in the staging root."""
+        if not self.root.exists():
+            return
+        staged, previous = self.root / self.target.name, self.root / PREVIOUS
+        foreign = sorted(set(os.listdir(self.root)) - {staged.name, PREVIOUS})
+        if foreign:
+            raise OutputError(
+                f"OUT {self.given}: {self.root} holds files no merge wrote "
+                f"({_listed(foreign)}); move them out"
+            )
+        if not self.target.exists():
+            if staged.exists() and _manifest(staged) is not None:
+                staged.rename(self.target)
+                LOG.warning(
+                    "finished publishing %s, cut short by an earlier run", self.target
+                )
+            elif previous.exists():
+                previous.rename(self.target)
+                LOG.warning(
+                    "restored %s, which an earlier run had moved aside", self.target
+                )
+        shutil.rmtree(self.root)  # an unfinished merge, or the output now replaced
+
+    @contextmanager
+    def staged(self) -> Iterator[Path]:
+        """A folder to write the merge into; published as OUT if the block ends
+        normally, removed if it raises. Its name is OUT's, which the model card
+        quotes."""
+        staging = self.root / self.target.name
+        staging.mkdir(parents=True)
+        try:
+            yield staging
+        except BaseException:
+            shutil.rmtree(self.root, ignore_errors=True)
+            raise
+        self._publish(staging)
+
+    def _publish(self, staging: Path) -> None:
+        files = _files_of(staging) + [MANIFEST_FILE]
+        manifest = json.dumps({"files": files}, indent=1) + "\n"
+        (staging / MANIFEST_FILE).write_text(manifest, encoding="utf-8")
+        if self.target.exists():
+            self.target.rename(self.root / PREVIOUS)
+        staging.rename(self.target)
+        shutil.rmtree(self.root)
+        LOG.info("NER merge written to %s", self.target)
