@@ -19,3 +19,7 @@ class SourceMapError(NerMergeError, ValueError):
 
 class EvaluationError(NerMergeError):
     """A model or text given to `ner-merge eval` cannot be loaded or scored."""
+
+
+class OutputError(NerMergeError):
+    """The output folder cannot be written, or must not be replaced."""

@@ -53,9 +53,10 @@ def ner_merge_method(group: TensorGroup, source_map: str) -> torch.Tensor:
 def _copy_of(
     group: TensorGroup, model: ModelEntry, source_map: str, name: str
 ) -> torch.Tensor:
-    """The given model's copy of the tensor in this group."""
+    """The given model's copy of the tensor in this group, found by the path the
+    pipeline set from the recipe (never a path the map alone gives)."""
     for entry in group.entries:
-        if str(entry.id) in (model.path, model.name):
+        if str(entry.id) == model.path:
             return entry.tensor
     given = ", ".join(str(entry.id) for entry in group.entries)
     raise SourceMapError(

@@ -4,16 +4,12 @@
 with another merge method pass straight through; an NER recipe is validated,
 planned (or its given source map checked), merged by mergekit into a hidden
 staging folder beside OUT, completed with the source map and report, and only
-then renamed to OUT. A merge that fails or is killed leaves no folder that looks
-finished, and an existing OUT is replaced whole or not at all.
+then renamed to OUT (see `ner_merge.output` for what is never done to OUT).
 """
 
 import functools
 import logging
-import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Callable
 
 import click
 from mergekit.config import MergeConfiguration
@@ -22,7 +18,9 @@ from mergekit.options import MergeOptions
 from ner_merge.card import write_model_card
 from ner_merge.errors import NerMergeError, SourceMapError
 from ner_merge.models import ResolvedModel
+from ner_merge.output import OutputFolder
 from ner_merge.planner import (
+    OutputTensor,
     first_best,
     localized_config,
     output_tensors,
@@ -37,7 +35,8 @@ from ner_merge.vocabulary import vocabulary_alignment
 LOG = logging.getLogger(__name__)
 
 SOURCE_MAP_FILE = "ner_source_map.json"
-STAGING_SUFFIX = ".ner-partial"
+
+MAX_NAMED = 5  # tensors named in one refusal
 
 # Smallest output shard an NER merge picks by itself (bytes): tiny models still
 # come out as one file.
@@ -80,25 +79,27 @@ def merge(
 ) -> SourceMap:
     """Plan (or check the given map), run mergekit's merge, publish OUT atomically."""
     models = resolve_models(recipe)
-    if recipe.options.source_map:
-        source_map = checked_source_map(recipe, models, merge_options)
-    else:
-        source_map = plan(recipe, merge_options, models=models)
-    config_source = config_source or recipe.config.to_yaml()
-    with staged_output(out_path) as staging:
-        map_path = staging / SOURCE_MAP_FILE
-        source_map.save(map_path)
-        config = localized_config(recipe, models)
-        parameters = dict(config.parameters or {}, source_map=str(map_path))
-        run_merge(
-            config.model_copy(update={"parameters": parameters}),
-            str(staging),
-            streaming_options(merge_options, models),
-            config_source=config_source,
-        )
-        if merge_options.write_model_card:
-            write_model_card(staging, recipe, config_source)
-        write_report(staging, source_map, recipe)
+    output = OutputFolder(out_path, [model.path for model in models])
+    with output.prepared():
+        if recipe.options.source_map:
+            source_map = checked_source_map(recipe, models, merge_options)
+        else:
+            source_map = plan(recipe, merge_options, models=models)
+        config_source = config_source or recipe.config.to_yaml()
+        with output.staged() as staging:
+            map_path = staging / SOURCE_MAP_FILE
+            source_map.save(map_path)
+            config = localized_config(recipe, models)
+            parameters = dict(config.parameters or {}, source_map=str(map_path))
+            run_merge(
+                config.model_copy(update={"parameters": parameters}),
+                str(staging),
+                streaming_options(merge_options, models),
+                config_source=config_source,
+            )
+            if merge_options.write_model_card:
+                write_model_card(staging, recipe, config_source)
+            write_report(staging, source_map, recipe)
     return source_map
 
 
@@ -127,7 +128,13 @@ def streaming_options(
 def checked_source_map(
     recipe: Recipe, models: list[ResolvedModel], merge_options: MergeOptions
 ) -> SourceMap:
-    """Load a user-given map and prove it was made for exactly these models."""
+    """Load a user-given map and prove it was made for exactly these models (by
+    content) and the recipe's options; its hand edits are resolved.
+
+    The map names the models; where their files are comes from the recipe: the
+    map returned carries the recipe's paths, so no tensor is read from a folder
+    the map alone points to.
+    """
     where = recipe.options.source_map
     source_map = SourceMap.load(where)
     mapped = [(m.name, m.role) for m in source_map.models]
@@ -139,15 +146,17 @@ def checked_source_map(
             f"{where}: made for models {mapped}, but the recipe has {expected}"
         )
     for entry, model in zip(source_map.models, models):
-        if entry.fingerprint != model.fingerprint:
+        if entry.fingerprint != model.content.fingerprint:
             raise SourceMapError(
                 f"{where}: model {model.name} has changed since the map was made "
                 f"(fingerprint {entry.fingerprint[:12]} in the map, "
-                f"{model.fingerprint[:12]} on disk): plan again"
+                f"{model.content.fingerprint[:12]} on disk): plan again"
             )
+    _check_options(recipe, source_map, where)
     config = localized_config(recipe, models)
     vocabulary = vocabulary_alignment(config, merge_options)
-    wanted = {t.name for t in output_tensors(config, models, merge_options, vocabulary)}
+    tensors = output_tensors(config, models, merge_options, vocabulary)
+    wanted = {tensor.name for tensor in tensors}
     missing, unknown = (
         wanted - set(source_map.tensors),
         set(source_map.tensors) - wanted,
@@ -158,7 +167,65 @@ def checked_source_map(
             f"missing {sorted(missing)[:5]}{' ...' if len(missing) > 5 else ''}, "
             f"unknown {sorted(unknown)[:5]}{' ...' if len(unknown) > 5 else ''}"
         )
-    return resolve_hand_edits(source_map)
+    source_map = resolve_hand_edits(source_map)
+    _check_sources_finite(source_map, tensors, models, where)
+    located = tuple(
+        entry.model_copy(update={"path": model.path, "revision": model.revision})
+        for entry, model in zip(source_map.models, models)
+    )
+    return source_map.model_copy(update={"models": located})
+
+
+def _check_options(recipe: Recipe, source_map: SourceMap, where: str) -> None:
+    """Refuse a recipe option set to something other than what the map was
+    planned with, naming every one: the map's choices would silently ignore it.
+    Options the recipe leaves out are the map's."""
+    chosen = recipe.options.model_dump()
+    differ = [
+        f"{key}: {chosen[key]!r} in the recipe, "
+        f"{source_map.options.get(key, '(not set)')!r} in the map"
+        for key in sorted(recipe.options.model_fields_set - {"source_map"})
+        if source_map.options.get(key) != chosen[key]
+    ]
+    differ += [
+        f"exclude of model {entry.name}: {','.join(patterns)!r} in the recipe, "
+        f"{','.join(entry.exclude)!r} in the map"
+        for entry, patterns in zip(source_map.models, recipe.exclusions)
+        if patterns and tuple(patterns) != entry.exclude
+    ]
+    if differ:
+        raise SourceMapError(
+            f"{where}: the recipe sets options the map was not planned with ("
+            + "; ".join(differ)
+            + "): plan again with them, or remove them from the recipe"
+        )
+
+
+def _check_sources_finite(
+    source_map: SourceMap,
+    tensors: list[OutputTensor],
+    models: list[ResolvedModel],
+    where: str,
+) -> None:
+    """Refuse a map that would copy NaN or Inf into the output (a hand edit may
+    pick such a copy; a stabilized tensor reads the base's copy too)."""
+    index = {model.name: i for i, model in enumerate(models)}
+    problems = []
+    for tensor in tensors:
+        choice = source_map.tensors[tensor.name]
+        if not tensor.is_float:
+            continue
+        used = {choice.source} | ({models[0].name} if choice.stabilized else set())
+        for name in sorted(used):
+            stored = tensor.stored_names[index[name]]
+            if stored is not None and not models[index[name]].content.finite(stored):
+                problems.append(f"{tensor.name} from {name}")
+    if problems:
+        raise SourceMapError(
+            f"{where}: the map takes copies holding NaN or Inf: "
+            + ", ".join(problems[:MAX_NAMED])
+            + (" ..." if len(problems) > MAX_NAMED else "")
+        )
 
 
 def resolve_hand_edits(source_map: SourceMap) -> SourceMap:
@@ -182,29 +249,3 @@ def resolve_hand_edits(source_map: SourceMap) -> SourceMap:
             source = tensors[choice.follows].source
             tensors[name] = choice.model_copy(update={"source": source})
     return source_map.model_copy(update={"tensors": tensors})
-
-
-@contextmanager
-def staged_output(out_path: str) -> Iterator[Path]:
-    """A staging folder that becomes OUT only if the block completes.
-
-    Staging lives in a hidden sibling (same file system, so the final rename is
-    atomic) whose inner folder carries OUT's own name, so mergekit's model card
-    names the model right. A staging folder left by a killed run is cleared.
-    """
-    out = Path(out_path).absolute()
-    root = out.parent / f".{out.name}{STAGING_SUFFIX}"
-    if root.exists():
-        shutil.rmtree(root)
-    staging = root / out.name
-    staging.mkdir(parents=True)
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(root, ignore_errors=True)
-        raise
-    if out.exists():
-        out.rename(root / "previous")
-    staging.rename(out)
-    shutil.rmtree(root)
-    LOG.info("NER merge written to %s", out)

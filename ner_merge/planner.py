@@ -31,7 +31,7 @@ from ner_merge.models import ResolvedModel, resolve_model
 from ner_merge.ner import NonFiniteMatrixError, normalized_effective_rank
 from ner_merge.nerd import nerd_score, scores_like_nerd, stabilize
 from ner_merge.options import Granularity, split_patterns
-from ner_merge.reader import DTYPES, read_tensor
+from ner_merge.reader import DTYPES
 from ner_merge.recipe import Recipe
 from ner_merge.source_map import ModelEntry, SourceMap, TensorChoice, UnitChoice
 from ner_merge.units import unit_of
@@ -281,9 +281,8 @@ class CopyReader:
         yield from (aligned[reference] for reference in self.references)
 
     def copy(self, tensor: OutputTensor, index: int) -> torch.Tensor:
-        """Candidate `index`'s copy as stored (not aligned)."""
-        model = self.models[index]
-        return read_tensor(model.headers[tensor.stored_names[index]])
+        """Candidate `index`'s copy as stored (not aligned); its digest is kept."""
+        return self.models[index].content.read(tensor.stored_names[index])
 
 
 def score_matrices(
@@ -300,8 +299,10 @@ def score_matrices(
 
     A copy holding NaN or Inf stops the plan, naming model and tensor, unless
     `nonfinite` is "lose": then its score is None, which loses to any number.
-    A score found in `cache` is taken from it and its copy is not even read; each
-    new score is stored at once, so an interrupted plan keeps its work. Aligned
+    The cache is keyed on each copy's content hash: a copy whose hash is known
+    (its file is indexed) and scored is not even read; a copy read for its hash
+    may still find its score (another model stores the same bytes). Each new
+    score is stored at once, so an interrupted plan keeps its work. Aligned
     copies (`CopyReader.is_aligned`) depend on every model's vocabulary at once,
     so they bypass the cache. Scoring runs on `device` (mergekit's --device).
     """
@@ -318,26 +319,78 @@ def score_matrices(
             usable = None if aligned else cache
             row = []
             for index, (model, stored) in enumerate(zip(models, tensor.stored_names)):
-                score = usable.get(model.fingerprint, stored) if usable else None
+                known = model.content.known(stored)
+                score = usable.get(known.hash) if usable and known else None
                 if score is None:
                     copy = next(aligned) if aligned else reader.copy(tensor, index)
-                    try:
-                        score = scoring.score(copy.to(device) if device else copy)
-                    except NonFiniteMatrixError:
-                        where = f"model {model.name}: tensor {stored} holds NaN or Inf"
-                        if nonfinite != "lose":
-                            raise ModelError(
-                                f"{where} values (set `nonfinite: lose` to let such "
-                                "copies lose instead)"
-                            ) from None
-                        LOG.warning("%s; it loses this tensor", where)
+                    tensor_hash = model.content.known(stored).hash
+                    if usable and not known:  # another model's identical copy?
+                        score = usable.get(tensor_hash)
+                    if score is None:
+                        where = f"model {model.name}: tensor {stored}"
+                        score = _score(copy, scoring, device, nonfinite, where)
+                        if usable and score is not None:
+                            usable.put(tensor_hash, score)
                     del copy
-                    if usable and score is not None:
-                        usable.put(model.fingerprint, stored, score)
                 row.append(score)
                 progress.update()
             scores[tensor.name] = row
     return scores
+
+
+def _score(
+    copy: torch.Tensor, scoring: Scoring, device: str | None, nonfinite: str, where: str
+) -> float | None:
+    """One copy's score; None for a non-finite copy when `nonfinite` is "lose"."""
+    try:
+        return scoring.score(copy.to(device) if device else copy)
+    except NonFiniteMatrixError:
+        if nonfinite != "lose":
+            raise ModelError(
+                f"{where} holds NaN or Inf values (set `nonfinite: lose` to let "
+                "such copies lose instead)"
+            ) from None
+        LOG.warning("%s holds NaN or Inf; it loses this tensor", where)
+        return None
+
+
+def nonfinite_copies(
+    tensors: list[OutputTensor], models: list[ResolvedModel]
+) -> dict[str, list[bool]]:
+    """Per floating-point tensor with a NaN or Inf anywhere: which copies hold one.
+
+    Copies not yet read are read (a norm, a bias: small), so a bad value in a
+    tensor that no rule scores is found too, and before any scoring when asked
+    for the unscored tensors first.
+    """
+    found = {}
+    for tensor in tensors:
+        if tensor.is_float:
+            flags = [
+                stored is not None and not model.content.finite(stored)
+                for model, stored in zip(models, tensor.stored_names)
+            ]
+            if any(flags):
+                found[tensor.name] = flags
+    return found
+
+
+def check_finite(
+    nonfinite: dict[str, list[bool]], tensors: list[OutputTensor], names: list[str]
+) -> None:
+    """Refuse (`nonfinite: error`) naming every copy that holds NaN or Inf."""
+    stored = {tensor.name: tensor.stored_names for tensor in tensors}
+    problems = [
+        f"model {model}: tensor {stored[name][index]} holds NaN or Inf values"
+        for name, flags in nonfinite.items()
+        for index, model in enumerate(names)
+        if flags[index]
+    ]
+    if problems:
+        raise ModelError(
+            "\n  ".join(problems)
+            + "\n(set `nonfinite: lose` to let such copies lose instead)"
+        )
 
 
 def first_best(
@@ -447,8 +500,31 @@ def choose_sources(
     names: list[str],
     selection: Selection = Selection(),
     scoring: Scoring = SPEC_SCORING,
+    nonfinite: dict[str, list[bool]] | None = None,
 ) -> dict[str, TensorChoice]:
-    """Apply RULES to scored tensors: the choice of every tensor."""
+    """Apply RULES to scored tensors: the choice of every tensor.
+
+    A copy in `nonfinite` (NaN or Inf, under `nonfinite: lose`) may not supply its
+    tensor, nor anything that chooses with it; if no copy is left, that is an
+    error naming the tensor.
+    """
+    nonfinite = nonfinite or {}
+
+    def eligible(name: str) -> list[bool]:
+        flags = selection.eligible(name, len(names))
+        bad = nonfinite.get(name, [False] * len(names))
+        return [ok and not holds_nan for ok, holds_nan in zip(flags, bad)]
+
+    def from_base(tensor: OutputTensor, rule: str) -> TensorChoice:
+        if nonfinite.get(tensor.name, [False])[0]:
+            raise ModelError(
+                f"tensor {tensor.name} must come from the base ({rule}), whose "
+                f"copy holds NaN or Inf values"
+            )
+        return TensorChoice(
+            source=names[0], rule=rule, layer=tensor.layer, shape=tensor.shape
+        )
+
     groups, rest = group_tensors(tensors, selection, scoring)
     choices: dict[str, TensorChoice] = {}
     supplied: dict[int | None, Counter] = {}  # layer -> model index -> parameters
@@ -456,31 +532,23 @@ def choose_sources(
         members = group.members()
         if any(selection.kept(t.name) for t in members):
             for tensor in members:
-                choices[tensor.name] = TensorChoice(
-                    source=names[0],
-                    rule="keep-base",
-                    layer=tensor.layer,
-                    shape=tensor.shape,
-                )
+                choices[tensor.name] = from_base(tensor, "keep-base")
             winner = 0
         else:
-            eligible = [
-                all(flags)
-                for flags in zip(
-                    *(selection.eligible(t.name, len(names)) for t in members)
-                )
+            allowed = [
+                all(flags) for flags in zip(*(eligible(t.name) for t in members))
             ]
             means = [
                 _mean([scores[t.name][i] for t in group.scored])
                 for i in range(len(names))
             ]
-            winner = first_best(means, eligible)
+            winner = first_best(means, allowed)
             if winner is None:
                 raise ModelError(
                     f"{group.unit or group.scored[0].name}: no eligible model's "
                     "copy is finite"
                 )
-            excluded = tuple(n for n, ok in zip(names, eligible) if not ok)
+            excluded = tuple(n for n, ok in zip(names, allowed) if not ok)
             for tensor in group.scored:
                 choices[tensor.name] = TensorChoice(
                     source=names[winner],
@@ -503,15 +571,14 @@ def choose_sources(
         for tensor in group.scored:
             supplied.setdefault(tensor.layer, Counter())[winner] += prod(tensor.shape)
     for tensor in rest:
-        common = dict(layer=tensor.layer, shape=tensor.shape)
         if selection.kept(tensor.name):
-            choices[tensor.name] = TensorChoice(
-                source=names[0], rule="keep-base", **common
-            )
+            choices[tensor.name] = from_base(tensor, "keep-base")
             continue
-        eligible = selection.eligible(tensor.name, len(names))
+        allowed = eligible(tensor.name)
         counts = supplied.get(tensor.layer, Counter())
-        winner = first_best([counts[i] for i in range(len(names))], eligible) or 0
+        winner = first_best([counts[i] for i in range(len(names))], allowed)
+        if winner is None:
+            raise ModelError(f"{tensor.name}: no eligible model's copy is finite")
         group = (
             "non-layer matrices" if tensor.layer is None else f"layer {tensor.layer}"
         )
@@ -519,14 +586,13 @@ def choose_sources(
             source=names[winner],
             rule="follows",
             follows=group,
-            excluded=tuple(n for n, ok in zip(names, eligible) if not ok),
-            **common,
+            excluded=tuple(n for n, ok in zip(names, allowed) if not ok),
+            layer=tensor.layer,
+            shape=tensor.shape,
         )
     for tensor in tensors:
         if not tensor.is_float or tensor.base_only:
-            choices[tensor.name] = TensorChoice(
-                source=names[0], rule="base", layer=tensor.layer, shape=tensor.shape
-            )
+            choices[tensor.name] = from_base(tensor, "base")
     return {tensor.name: choices[tensor.name] for tensor in tensors}
 
 
@@ -606,6 +672,13 @@ def plan(
         if not any(selection.kept(t.name) for t in group.members())
         for tensor in group.scored
     ]
+    # NaN or Inf in a tensor no rule scores (a norm, a bias) is found before any
+    # scoring; in a scored copy, as it is scored; in the rest, after.
+    scored_names = {tensor.name for tensor in to_score}
+    unscored = [tensor for tensor in tensors if tensor.name not in scored_names]
+    nonfinite = nonfinite_copies(unscored, models)
+    if recipe.options.nonfinite == "error":
+        check_finite(nonfinite, tensors, names)
     reader = CopyReader(models, vocabulary)
     cache_dir = default_cache_dir()
     scores = score_matrices(
@@ -618,7 +691,8 @@ def plan(
         cache=ScoreCache(cache_dir, {"scoring": scoring.name}) if cache_dir else None,
         device=merge_options.device,
     )
-    choices = choose_sources(tensors, scores, names, selection, scoring)
+    nonfinite = nonfinite_copies(tensors, models)
+    choices = choose_sources(tensors, scores, names, selection, scoring, nonfinite)
     if recipe.options.stabilize:
         dtype = dtype_from_name(config.dtype) if config.dtype else None
         choices = stabilized(tensors, choices, reader, names, dtype)
@@ -628,8 +702,9 @@ def plan(
                 name=model.name,
                 path=model.path,
                 revision=model.revision,
-                fingerprint=model.fingerprint,
+                fingerprint=model.content.fingerprint,
                 role="base" if index == 0 else "fine-tuned",
+                exclude=recipe.exclusions[index] if recipe.exclusions else (),
             )
             for index, model in enumerate(models)
         ),

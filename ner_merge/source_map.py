@@ -39,8 +39,13 @@ class ModelEntry(_Frozen):
     name: str = Field(description="The model as the recipe gives it.")
     path: str = Field(description="The local folder its weights were read from.")
     revision: str | None = Field(description="Hub commit; null for a folder.")
-    fingerprint: str = Field(description="Content fingerprint (see models.py).")
+    fingerprint: str = Field(
+        description="Hash over every tensor's content hash (see content.py)."
+    )
     role: Role
+    exclude: tuple[str, ...] = Field(
+        default=(), description="The model's `exclude` patterns when planned."
+    )
 
 
 class TensorChoice(_Frozen):
@@ -64,7 +69,10 @@ class TensorChoice(_Frozen):
         "as one (its mean scores are under `units`).",
     )
     excluded: tuple[str, ...] = Field(
-        default=(), description="Models the `exclude` option kept from supplying it."
+        default=(),
+        description="Models that may not supply it: excluded by their `exclude` "
+        "option, or (with `nonfinite: lose`) holding NaN or Inf in it or in a "
+        "tensor that chooses with it.",
     )
     stabilized: float | None = Field(
         default=None,
@@ -105,6 +113,11 @@ class SourceMap(_Frozen):
                 raise ValueError(
                     f"{name} names unknown model(s) {sorted(unknown)}; known: {names}"
                 )
+        for name, choice in self.tensors.items():
+            if choice.unit is not None and choice.unit not in self.units:
+                raise ValueError(
+                    f"tensor {name} chose with unit {choice.unit}, which `units` lacks"
+                )
         return self
 
     @property
@@ -120,31 +133,57 @@ class SourceMap(_Frozen):
         return {model.name: counts[model.name] for model in self.models}
 
     def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), indent=1, sort_keys=True) + "\n"
+        document = self.model_dump(mode="json")
+        return json.dumps(document, indent=1, sort_keys=True, allow_nan=False) + "\n"
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json(), encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | Path) -> "SourceMap":
-        """Read and validate a map; every problem names the file and the field."""
+        """Read and validate a map; every problem names the file and the field.
+
+        Parsing is strict, as a hand-edited file deserves: a key given twice, a
+        NaN or Infinity literal, or a score written as a string or a boolean is
+        refused, never silently taken.
+        """
         where = str(path)
         try:
-            document = json.loads(Path(path).read_text(encoding="utf-8"))
+            text = Path(path).read_text(encoding="utf-8")
         except OSError as error:
             raise SourceMapError(
                 f"{where}: cannot read source map: {error.strerror}"
             ) from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        except UnicodeDecodeError as error:
             raise SourceMapError(f"{where}: not valid JSON: {error}") from None
+        try:
+            document = json.loads(
+                text, object_pairs_hook=_unique_keys, parse_constant=_no_constant
+            )
+        except json.JSONDecodeError as error:
+            raise SourceMapError(f"{where}: not valid JSON: {error}") from None
+        except ValueError as error:  # from the two hooks
+            raise SourceMapError(f"{where}: {error}") from None
         if not isinstance(document, dict):
             raise SourceMapError(f"{where}: expected a JSON object")
         try:
-            return cls.model_validate(document)
+            return cls.model_validate_json(text, strict=True)
         except ValidationError as error:
             raise SourceMapError(
                 format_validation_error(error, where, "source map")
             ) from None
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    counts = Counter(key for key, _ in pairs)
+    repeated = sorted(key for key, count in counts.items() if count > 1)
+    if repeated:
+        raise ValueError(f"key(s) given twice in one object: {repeated}")
+    return dict(pairs)
+
+
+def _no_constant(literal: str) -> None:
+    raise ValueError(f"{literal} is not a number JSON allows (a score is a number)")
 
 
 @lru_cache(maxsize=4)
