@@ -7,6 +7,8 @@ mergekit allows only bool, int, float and str values there, so a list of tensor
 name patterns is one comma-separated string.
 """
 
+import difflib
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -42,16 +44,31 @@ class _Options(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
     @classmethod
+    def checked(
+        cls, parameters: dict[str, Any] | None, prefix: str
+    ) -> tuple["_Options | None", list[str]]:
+        """Validate one `parameters:` mapping without raising, so that a recipe's
+        problems in every section can be reported together.
+
+        Returns the options (None if invalid) and one `field: problem` line per
+        problem; an unknown key is told the known ones and the closest of them.
+        """
+        try:
+            return cls.model_validate(dict(parameters or {})), []
+        except ValidationError as error:
+            return None, validation_problems(
+                error, prefix, known=tuple(cls.model_fields)
+            )
+
+    @classmethod
     def from_parameters(
         cls, parameters: dict[str, Any] | None, where: str, prefix: str
     ) -> "_Options":
         """Validate one `parameters:` mapping; errors name `where` and the key."""
-        try:
-            return cls.model_validate(dict(parameters or {}))
-        except ValidationError as error:
-            raise RecipeError(
-                format_validation_error(error, where, "NER options", prefix)
-            ) from None
+        options, problems = cls.checked(parameters, prefix)
+        if options is None:
+            raise RecipeError("\n".join(f"{where}: {line}" for line in problems))
+        return options
 
 
 class NerOptions(_Options):
@@ -117,18 +134,44 @@ class NerModelOptions(_Options):
     _check_exclude = field_validator("exclude")(_check_patterns)
 
 
-def format_validation_error(
-    error: ValidationError, where: str, what: str, prefix: str | None = None
-) -> str:
-    """One line per problem, each naming the file and the dotted field."""
-    lines = [f"{where}: invalid {what}:"]
+def unknown_key_problem(key: str, known: Sequence[str], what: str) -> str:
+    """`what`, the nearest known key and all of them: a typo's fix is in the message."""
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"{what} ({hint}known: {', '.join(known)})"
+
+
+def validation_problems(
+    error: ValidationError, prefix: str | None = None, known: Sequence[str] = ()
+) -> list[str]:
+    """One `field: problem (got value)` line per problem of a pydantic error.
+
+    known: the model's field names; an extra key's line then lists them instead
+    of pydantic's bare "Extra inputs are not permitted".
+    """
+    lines = []
     for problem in error.errors():
         location = (prefix, *problem["loc"]) if prefix else problem["loc"]
         field = ".".join(str(part) for part in location) or "(top level)"
+        if known and problem["type"] == "extra_forbidden":
+            name = str(problem["loc"][-1])
+            lines.append(
+                f"{field}: {unknown_key_problem(name, known, 'unknown option')}"
+            )
+            continue
         given = repr(problem.get("input"))
         if len(given) > MAX_SHOWN_INPUT:
             given = given[:MAX_SHOWN_INPUT] + "..."
         quoted = problem["loc"] and problem["type"] != "missing"
         shown = f" (got {given})" if quoted else ""
-        lines.append(f"  {field}: {problem['msg']}{shown}")
+        lines.append(f"{field}: {problem['msg']}{shown}")
+    return lines
+
+
+def format_validation_error(
+    error: ValidationError, where: str, what: str, prefix: str | None = None
+) -> str:
+    """One line per problem, each naming the file and the dotted field."""
+    lines = [f"{where}: invalid {what}:"]
+    lines += [f"  {line}" for line in validation_problems(error, prefix)]
     return "\n".join(lines)

@@ -3,8 +3,11 @@
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 from ner_merge.errors import ModelError, RecipeError
+from ner_merge.folders import check_base_tokenizer
 from ner_merge.planner import plan
 from ner_merge.recipe import Recipe
 from tests import pico
@@ -145,3 +148,97 @@ def test_mismatched_shapes_name_tensor_and_shapes(tmp_path, qwen_trio):
     message = str(error.value)
     assert "model.layers.0.mlp.up_proj.weight" in message
     assert "[64, 32]" in message and "[48, 32]" in message
+
+
+@pytest.mark.parametrize("field", ["dtype", "out_dtype"])
+@pytest.mark.parametrize("name", ["bf16", "float", "int64"])
+def test_a_dtype_mergekit_would_reject_or_no_float_is_named(tmp_path, field, name):
+    path = _recipe(tmp_path, MINIMAL + f"{field}: {name}\n")
+    with pytest.raises(RecipeError) as error:
+        Recipe.from_file(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: {field}: {name!r} is not a floating-point")
+    assert "bfloat16, float16, float32, float64" in message
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "float16", "float32", "torch.bfloat16"])
+def test_every_dtype_mergekit_takes_is_accepted(tmp_path, name):
+    assert Recipe.from_file(_recipe(tmp_path, MINIMAL + f"dtype: {name}\n"))
+
+
+@pytest.mark.parametrize(
+    "text, field, hint",
+    [
+        (MINIMAL + "paramters:\n  granularity: layer\n", "paramters", "parameters"),
+        (MINIMAL + "dtpye: bfloat16\n", "dtpye", "dtype"),
+        (MINIMAL + "    paramters:\n      exclude: x\n", "models.0.paramters", None),
+        (MINIMAL + "    weight: 0.5\n", "models.0.weight", None),
+    ],
+)
+def test_keys_mergekit_would_silently_drop_are_named(tmp_path, text, field, hint):
+    path = _recipe(tmp_path, text)
+    with pytest.raises(RecipeError) as error:
+        Recipe.from_file(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: {field}: not a")
+    assert "mergekit would ignore it" in message
+    if hint:
+        assert f"did you mean {hint}?" in message
+
+
+def test_the_mergekit_yaml_path_sees_dropped_keys_in_the_source():
+    """mergekit-yaml hands over a parsed configuration, which has lost the key;
+    the recipe text it read (`config_source`) still has it."""
+    from mergekit.config import MergeConfiguration
+
+    text = MINIMAL + "paramters:\n  granularity: layer\n"
+    config = MergeConfiguration.model_validate(yaml.safe_load(text))
+    assert Recipe.from_config(config, "r.yml").options.granularity == "tensor"
+    with pytest.raises(RecipeError, match="r.yml: paramters: not a recipe field"):
+        Recipe.from_config(config, "r.yml", source=text)
+
+
+def test_every_problem_is_listed_at_once_one_line_each(tmp_path):
+    path = _recipe(
+        tmp_path,
+        "merge_method: ner\nbase_model: /a\ndtype: bf16\n"
+        "parameters:\n  granularity: block\n  weight: 0.5\n"
+        "models:\n  - model: /b\n  - model: /c\n"
+        "    parameters:\n      exlude: x\n      density: 0.2\n",
+    )
+    with pytest.raises(RecipeError) as error:
+        Recipe.from_file(path)
+    lines = str(error.value).splitlines()
+    fields = [line.removeprefix(f"{path}: ").split(":")[0] for line in lines]
+    assert all(line.startswith(f"{path}: ") for line in lines)
+    assert fields == [
+        "dtype",
+        "parameters.weight",
+        "parameters.granularity",
+        "models.1.parameters.density",
+        "models.1.parameters.exlude",
+    ]
+    assert "did you mean exclude?" in lines[-1]
+    for line in (lines[1], lines[3]):
+        assert "ner copies each tensor whole" in line and "takes no weights" in line
+
+
+def _without_tokenizer(folder: Path) -> Path:
+    pico.base_model("qwen2").to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+def test_a_base_without_tokenizer_files_is_refused_when_copied(tmp_path, qwen_trio):
+    from mergekit.options import MergeOptions
+
+    base = _without_tokenizer(tmp_path / "bare")
+    recipe = Recipe.from_file(
+        write_recipe(tmp_path / "r.yml", base, [qwen_trio["one"]])
+    )
+    with pytest.raises(ModelError) as error:
+        check_base_tokenizer(recipe, base, MergeOptions(copy_tokenizer=True))
+    message = str(error.value)
+    assert message.startswith(f"{recipe.where}: base_model {base}: no usable tokenizer")
+    assert "--no-copy-tokenizer" in message
+    check_base_tokenizer(recipe, base, MergeOptions(copy_tokenizer=False))
+    check_base_tokenizer(recipe, qwen_trio["base"], MergeOptions(copy_tokenizer=True))
