@@ -3,24 +3,98 @@ evaluate the result.
 
 Merging itself is the stock `mergekit-yaml RECIPE OUT`; this CLI adds what
 mergekit has no verb for.
+
+torch, mergekit and the planner take seconds to import, so each command imports
+what it needs when it runs: `--help`, `--version` and `show` stay instant.
 """
 
 import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
+from ner_merge import __version__
 from ner_merge.errors import NerMergeError
-from ner_merge.planner import plan
-from ner_merge.recipe import Recipe
-from ner_merge.report import plan_table
-from ner_merge.source_map import SourceMap
+
+if TYPE_CHECKING:
+    from ner_merge.source_map import SourceMap
+
+# The map a merge writes into its output folder (pipeline.SOURCE_MAP_FILE; kept
+# here too so that `show OUT` need not import the merge pipeline).
+MERGE_SOURCE_MAP_FILE = "ner_source_map.json"
+
+
+def _print_version(context: click.Context, _: click.Parameter, value: bool) -> None:
+    """`--version`: ours and mergekit's, the two a bug report needs."""
+    if not value or context.resilient_parsing:
+        return
+    from importlib import metadata
+
+    try:
+        mergekit_version = metadata.version("mergekit")
+    except metadata.PackageNotFoundError:
+        mergekit_version = "not installed"
+    click.echo(f"ner-merge {__version__} (mergekit {mergekit_version})")
+    context.exit()
 
 
 @click.group()
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Show the ner-merge and mergekit versions and exit.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
 def main(verbose: bool) -> None:
-    """Normalized-Effective-Rank layer selection for mergekit."""
+    """Normalized-Effective-Rank layer selection for mergekit.
+
+    Merging is done by mergekit itself: `mergekit-yaml RECIPE OUT` with a recipe
+    that says `merge_method: ner`. These commands plan a merge without running
+    it, show a plan, and measure the result.
+    """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
+
+
+def check_output_file(path: str) -> None:
+    """Fail before scoring if `path` could not be written after it.
+
+    The nearest existing folder above it must be a folder we can create files
+    in (tried with a temporary file: permission bits lie to root and on
+    read-only mounts). Missing folders are created only when the map is saved,
+    so a failed plan leaves nothing behind.
+    """
+    target = Path(path).absolute()
+    if target.is_dir():
+        raise click.ClickException(f"-o {path}: is a folder; give a file name")
+    existing = target.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise click.ClickException(f"-o {path}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise click.ClickException(
+            f"-o {path}: cannot write in {existing}: {error.strerror}"
+        ) from None
+
+
+def save_map(source_map: "SourceMap", path: str) -> None:
+    """Write the map, creating its folder; an OS error is one line, not a trace."""
+    try:
+        os.makedirs(Path(path).parent, exist_ok=True)
+        source_map.save(path)
+    except OSError as error:
+        raise click.ClickException(
+            f"{path}: cannot write source map: {error.strerror}"
+        ) from None
 
 
 @main.command("plan")
@@ -29,24 +103,35 @@ def main(verbose: bool) -> None:
     "-o",
     "--output",
     type=click.Path(dir_okay=False),
-    help="Where to write the source map (JSON).",
+    help="Where to write the source map (JSON); missing folders are created.",
 )
 @click.option(
     "--show", is_flag=True, help="Print each layer's sources and score margins."
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def plan_command(recipe_file: str, output: str | None, show: bool, quiet: bool) -> None:
-    """Score RECIPE_FILE's models and write or show the source map, merging nothing."""
+    """Score RECIPE_FILE's models and write or show the source map, merging nothing.
+
+    To merge, run `mergekit-yaml RECIPE_FILE OUT`, adding
+    `parameters: {source_map: FILE}` to use a saved (or edited) map.
+    """
     if not output and not show:
         raise click.UsageError("give -o FILE to write the map, --show to print it")
+    from ner_merge.planner import plan
+    from ner_merge.recipe import Recipe
+    from ner_merge.report import plan_table
+
     try:
-        source_map = plan(Recipe.from_file(recipe_file), quiet=quiet)
+        recipe = Recipe.from_file(recipe_file)
+        if output:
+            check_output_file(output)
+        source_map = plan(recipe, quiet=quiet)
     except NerMergeError as error:
         raise click.ClickException(str(error)) from error
     if show:
         click.echo(plan_table(source_map))
     if output:
-        source_map.save(output)
+        save_map(source_map, output)
         shares = ", ".join(
             f"{name}: {n}" for name, n in source_map.share_by_model().items()
         )
@@ -54,11 +139,23 @@ def plan_command(recipe_file: str, output: str | None, show: bool, quiet: bool) 
 
 
 @main.command("show")
-@click.argument("map_file", type=click.Path(dir_okay=False))
+@click.argument("map_file", type=click.Path())
 def show_command(map_file: str) -> None:
-    """Print a source map (from `plan -o` or a merge's ner_source_map.json)."""
+    """Print a source map: a file from `plan -o`, or a merge's output folder
+    (its ner_source_map.json)."""
+    from ner_merge.report import plan_table
+    from ner_merge.source_map import SourceMap
+
+    path = Path(map_file)
+    if path.is_dir():
+        path = path / MERGE_SOURCE_MAP_FILE
+        if not path.is_file():
+            raise click.ClickException(
+                f"{map_file}: no {MERGE_SOURCE_MAP_FILE} in this folder; give a "
+                "map file, or the output folder of an NER merge"
+            )
     try:
-        click.echo(plan_table(SourceMap.load(map_file)))
+        click.echo(plan_table(SourceMap.load(path)))
     except NerMergeError as error:
         raise click.ClickException(str(error)) from error
 
@@ -86,20 +183,26 @@ def show_command(map_file: str) -> None:
     type=click.Choice(["cpu", "cuda"]),
     help="Default: cuda when available.",
 )
+@click.option("--quiet", is_flag=True, help="No progress line per model.")
 def eval_command(
     models: tuple[str, ...],
     texts: tuple[str, ...],
     window: int | None,
     device: str | None,
+    quiet: bool,
 ) -> None:
-    """Perplexity of each model folder in MODELS on held-out texts, as a table."""
+    """Perplexity of each model folder in MODELS on held-out texts, as a table.
+
+    A line per model goes to stderr as it starts; the table goes to stdout.
+    """
     from transformers.utils import logging as transformers_logging
 
     from ner_merge.evaluate import DEMO_TEXTS, evaluate
 
     transformers_logging.disable_progress_bar()  # a bar per model buries the table
+    progress = None if quiet else lambda line: click.echo(line, err=True)
     try:
-        table = evaluate(models, texts or DEMO_TEXTS, device, window)
+        table = evaluate(models, texts or DEMO_TEXTS, device, window, progress)
     except NerMergeError as error:
         raise click.ClickException(str(error)) from error
     click.echo(table.render())
@@ -109,8 +212,6 @@ def eval_command(
 @click.argument("out_dir", type=click.Path(file_okay=False))
 def demo_command(out_dir: str) -> None:
     """Train the demo trio (tiny Qwen2 base + two fine-tunes) into OUT_DIR."""
-    from pathlib import Path
-
     from ner_merge.demo import build
 
     logging.getLogger("ner_merge").setLevel(logging.INFO)

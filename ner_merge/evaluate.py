@@ -15,7 +15,7 @@ CPU the forward pass runs in float32. On CUDA, models run in bfloat16 so that a
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ner_merge.demo import HELD_OUT_TEXTS, TEXTS
 from ner_merge.errors import EvaluationError
+from ner_merge.folders import model_folder_problem, tokenizer_problem
 
 LOG = logging.getLogger(__name__)
 
@@ -85,18 +86,36 @@ def perplexity(model: PreTrainedModel, tokens: torch.Tensor, window: int) -> flo
         begin += stride
 
 
+def check_model_folders(models: Sequence[str | Path]) -> None:
+    """Refuse, before loading anything, a folder that holds no model or tokenizer.
+
+    Loading models one by one would fail only when the bad folder's turn comes,
+    with transformers' message (about sentencepiece or a repo id, say).
+    """
+    for folder in models:
+        problem = model_folder_problem(folder) or tokenizer_problem(folder)
+        if problem:
+            raise EvaluationError(
+                f"{folder}: cannot load a causal language model and its "
+                f"tokenizer: {problem}"
+            )
+
+
 def evaluate(
     models: Sequence[str | Path],
     texts: Sequence[str | Path] = DEMO_TEXTS,
     device: str | None = None,
     window: int | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> PerplexityTable:
     """Perplexity of each model folder on each text file.
 
     device: "cpu" or "cuda"; by default CUDA when available. window: tokens per
     window, at most each model's `max_position_embeddings`; by default that, up
-    to MAX_WINDOW.
+    to MAX_WINDOW. progress: called with one line as each model starts, since a
+    7B model takes minutes.
     """
+    check_model_folders(models)
     if device == "cuda" and not torch.cuda.is_available():
         raise EvaluationError("device cuda asked for, but torch sees no CUDA device")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -108,7 +127,9 @@ def evaluate(
         except (OSError, UnicodeDecodeError) as error:
             raise EvaluationError(f"{text}: cannot read text: {error}") from None
     values = []
-    for folder in models:
+    for number, folder in enumerate(models, 1):
+        if progress:
+            progress(f"[{number}/{len(models)}] {folder}")
         model, tokenizer = _load(folder, device, dtype)
         limit = model.config.max_position_embeddings
         if window is not None and not 2 <= window <= limit:

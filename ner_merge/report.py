@@ -12,12 +12,26 @@ import logging
 from collections import Counter
 from math import prod
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ner_merge.card import CARD_FILE
 from ner_merge.grid import Row, margin, model_labels, short_labels, source_grid
-from ner_merge.planner import RULES
-from ner_merge.recipe import Recipe
 from ner_merge.source_map import SourceMap, TensorChoice
+
+# The report writers need the planner's rules, the recipe and the model card,
+# which import torch and mergekit; they are imported where used, so that
+# `ner-merge show` (the plan table alone) starts without them.
+if TYPE_CHECKING:
+    from ner_merge.recipe import Recipe
+
+
+def __getattr__(name: str) -> str:
+    """`report.CARD_FILE`, still importable from here, loaded only when asked for."""
+    if name == "CARD_FILE":
+        from ner_merge.card import CARD_FILE
+
+        return CARD_FILE
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 LOG = logging.getLogger(__name__)
 
@@ -118,9 +132,11 @@ def totals(source_map: SourceMap) -> dict[str, tuple[int, int]]:
 
 
 def render_report(
-    source_map: SourceMap, recipe: Recipe, created: str, figure: str | None = None
+    source_map: SourceMap, recipe: "Recipe", created: str, figure: str | None = None
 ) -> str:
     """The report; `figure`, the PNG's file name beside it, is embedded if given."""
+    from ner_merge.planner import RULES
+
     labels = model_labels(source_map)
     all_totals = totals(source_map)
     tensor_count = len(source_map.tensors)
@@ -289,8 +305,10 @@ def write_figure(out: Path, source_map: SourceMap) -> str | None:
     return FIGURE_FILE
 
 
-def write_report(out: Path, source_map: SourceMap, recipe: Recipe) -> None:
+def write_report(out: Path, source_map: SourceMap, recipe: "Recipe") -> None:
     """Write the report and figure into OUT and extend mergekit's model card."""
+    from ner_merge.card import CARD_FILE
+
     created = datetime.datetime.now(datetime.timezone.utc).strftime(
         "%Y-%m-%d %H:%M:%S UTC"
     )

@@ -1,0 +1,181 @@
+"""The `ner-merge` command as a user meets it: quick to start, clear when refusing,
+and refusing before any tensor is scored."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ner_merge import __version__
+from ner_merge.cli import MERGE_SOURCE_MAP_FILE, main
+from ner_merge.source_map import ModelEntry, SourceMap, TensorChoice
+from tests import pico
+from tests.conftest import write_recipe
+
+
+def _hand_made_map(path: Path) -> Path:
+    """A small valid source map, written without torch or any model."""
+    models = tuple(
+        ModelEntry(name=n, path=f"/m/{n}", revision=None, fingerprint="0" * 64, role=r)
+        for n, r in (("base", "base"), ("tuned", "fine-tuned"))
+    )
+    tensors = {
+        "model.layers.0.mlp.up_proj.weight": TensorChoice(
+            source="tuned",
+            rule="highest-ner",
+            layer=0,
+            shape=(4, 2),
+            scores={"base": 0.5, "tuned": 0.75},
+        ),
+        "model.norm.weight": TensorChoice(
+            source="base", rule="follows", layer=None, shape=(2,), follows="x"
+        ),
+    }
+    SourceMap(models=models, options={}, tensors=tensors).save(path)
+    return path
+
+
+def _empty(folder: Path) -> bool:
+    return not any(folder.rglob("*"))
+
+
+def test_help_and_show_import_neither_torch_nor_mergekit(tmp_path):
+    """What makes `--help` take seconds: importing torch, mergekit, the planner."""
+    source_map = _hand_made_map(tmp_path / "plan.json")
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from ner_merge.cli import main\n"
+        "for args in (['--help'], ['--version'], ['show', sys.argv[1]]):\n"
+        "    done = CliRunner().invoke(main, args)\n"
+        "    assert done.exit_code == 0, done.output\n"
+        "heavy = {'torch', 'mergekit', 'transformers', 'ner_merge.planner'}\n"
+        "print(sorted(heavy & set(sys.modules)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(source_map)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_version_and_help_say_how_to_merge():
+    version = CliRunner().invoke(main, ["--version"])
+    assert version.exit_code == 0
+    assert version.output.startswith(f"ner-merge {__version__} (mergekit ")
+    help_text = CliRunner().invoke(main, ["--help"]).output
+    assert "mergekit-yaml RECIPE OUT" in help_text
+
+
+def test_show_takes_a_merge_output_folder(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    _hand_made_map(out / MERGE_SOURCE_MAP_FILE)
+    from_file = CliRunner().invoke(main, ["show", str(out / MERGE_SOURCE_MAP_FILE)])
+    from_folder = CliRunner().invoke(main, ["show", str(out)])
+    assert from_file.exit_code == 0, from_file.output
+    assert from_folder.exit_code == 0 and from_folder.output == from_file.output
+
+    no_map = CliRunner().invoke(main, ["show", str(tmp_path)])
+    assert no_map.exit_code == 1
+    assert f"{tmp_path}: no {MERGE_SOURCE_MAP_FILE} in this folder" in no_map.output
+
+
+def test_the_output_folder_name_matches_the_pipeline():
+    from ner_merge.pipeline import SOURCE_MAP_FILE
+
+    assert MERGE_SOURCE_MAP_FILE == SOURCE_MAP_FILE
+
+
+def test_plan_creates_the_output_folder(tmp_path, qwen_trio, monkeypatch):
+    recipe = write_recipe(tmp_path / "r.yml", qwen_trio["base"], [qwen_trio["one"]])
+    monkeypatch.chdir(tmp_path)
+    done = CliRunner().invoke(main, ["plan", str(recipe), "-o", "new/dir/plan.json"])
+    assert done.exit_code == 0, done.output
+    assert SourceMap.load(tmp_path / "new/dir/plan.json").tensors
+
+
+@pytest.mark.parametrize("blocked", ["file", "read-only"])
+def test_an_unwritable_output_is_refused_before_scoring(
+    tmp_path, qwen_trio, isolated_score_cache, blocked
+):
+    recipe = write_recipe(tmp_path / "r.yml", qwen_trio["base"], [qwen_trio["one"]])
+    if blocked == "file":
+        (tmp_path / "afile").write_text("")
+        output, says = tmp_path / "afile/sub/plan.json", "is a file, not a folder"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        output, says = locked / "plan.json", "cannot write in"
+    done = CliRunner().invoke(main, ["plan", str(recipe), "-o", str(output)])
+    assert done.exit_code == 1
+    message = done.output.strip()
+    assert message.count("\n") == 0 and says in message and str(output) in message
+    assert _empty(isolated_score_cache)  # refused before any tensor was scored
+
+
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        ({"dtype": "bf16"}, "dtype: 'bf16' is not a floating-point dtype"),
+        ({"paramters": {"granularity": "layer"}}, "did you mean parameters?"),
+        ({"parameters": {"weight": 0.5}}, "takes no weights"),
+    ],
+)
+def test_plan_refuses_a_bad_recipe_before_scoring(
+    tmp_path, qwen_trio, isolated_score_cache, change, says
+):
+    import yaml
+
+    recipe = write_recipe(tmp_path / "r.yml", qwen_trio["base"], [qwen_trio["one"]])
+    document = yaml.safe_load(recipe.read_text()) | change
+    recipe.write_text(yaml.safe_dump(document))
+    done = CliRunner().invoke(main, ["plan", str(recipe), "--show"])
+    assert done.exit_code == 1
+    assert f"Error: {recipe}: " in done.output and says in done.output
+    assert _empty(isolated_score_cache)
+
+
+def test_eval_names_a_folder_without_a_model_before_loading_any(tmp_path, qwen_trio):
+    text = tmp_path / "t.txt"
+    text.write_text("The cook stirred the pot while the boat rocked.")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    no_tokenizer = tmp_path / "no-tokenizer"
+    pico.base_model("qwen2").to(torch.bfloat16).save_pretrained(no_tokenizer)
+    for folder, says in [
+        (empty, "no config.json in it, so it is not a model folder"),
+        (no_weights, "no weights in it"),
+        (no_tokenizer, "tokenizer"),
+    ]:
+        done = CliRunner().invoke(
+            main, ["eval", str(qwen_trio["base"]), str(folder), "-t", str(text)]
+        )
+        assert done.exit_code == 1
+        assert f"{folder}: cannot load a causal language model" in done.output
+        assert says in done.output
+        assert "[1/2]" not in done.stderr  # refused before the first model loaded
+
+
+def test_eval_prints_a_progress_line_per_model_unless_quiet(tmp_path, qwen_trio):
+    text = tmp_path / "t.txt"
+    text.write_text("The cook stirred the pot while the boat rocked.")
+    models = [str(qwen_trio["base"]), str(qwen_trio["one"])]
+    args = ["eval", *models, "-t", str(text), "--device", "cpu"]
+    done = CliRunner().invoke(main, args)
+    assert done.exit_code == 0, done.output
+    assert done.stderr.splitlines() == [f"[1/2] {models[0]}", f"[2/2] {models[1]}"]
+    assert "[1/2]" not in done.stdout  # the table alone, for pipes
+    quiet = CliRunner().invoke(main, [*args, "--quiet"])
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+    assert quiet.stdout == done.stdout
