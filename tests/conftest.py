@@ -6,7 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 import yaml
+from mergekit.architecture import arch_info_for_config
 from safetensors import safe_open
 
 from ner_merge.cache import CACHE_DIR_VARIABLE
@@ -144,12 +146,29 @@ def reference_stabilize(base: torch.Tensor, chosen: torch.Tensor) -> torch.Tenso
     return torch.where((base_abs >= chosen_abs) & (base_abs < median), base, chosen)
 
 
+def token_axes(folder: Path) -> dict[str, int]:
+    """Output tensor name -> token axis, for the tensors that mergekit's
+    architecture of the folder's config marks as token-indexed (embeddings,
+    lm_head: WeightInfo.vocabulary_axis), the only ones a tokenizer option
+    re-indexes. Without a known architecture, none."""
+    config = transformers.AutoConfig.from_pretrained(folder)
+    architecture = arch_info_for_config(config)
+    if architecture is None:
+        return {}
+    return {
+        weight.name: weight.vocabulary_axis
+        for weight in architecture.all_weights(config)
+        if weight.vocabulary_axis is not None
+    }
+
+
 def assert_bit_identical_to_sources(out: Path, dtype=torch.bfloat16):
     """Every output tensor equals, bit for bit, its source's tensor in the map.
 
     A stabilized tensor must equal the independent stabilize of base and source.
-    A token-indexed tensor with fewer rows than its source (a fine-tune's added
-    tokens, dropped by `tokenizer: {source: base}`) must equal its first rows.
+    A token-indexed tensor (see token_axes) with fewer tokens than its source (a
+    fine-tune's added tokens, dropped by `tokenizer: {source: base}`) must equal
+    its first rows along the token axis; any other tensor must equal all of it.
     """
     source_map = json.loads((out / "ner_source_map.json").read_text())
     paths = {m["name"]: Path(m["path"]) for m in source_map["models"]}
@@ -157,6 +176,7 @@ def assert_bit_identical_to_sources(out: Path, dtype=torch.bfloat16):
     output = load_tensors(out)
     sources = {name: load_tensors(path) for name, path in paths.items()}
     assert set(output) == set(source_map["tensors"])
+    axes = token_axes(out)
     for name, tensor in output.items():
         choice = source_map["tensors"][name]
         expected = sources[choice["source"]][name]
@@ -164,8 +184,10 @@ def assert_bit_identical_to_sources(out: Path, dtype=torch.bfloat16):
             expected = expected.to(dtype)
         if choice.get("stabilized") is not None:
             expected = reference_stabilize(sources[base][name].to(dtype), expected)
-        if expected.shape != tensor.shape:
-            expected = expected[: tensor.shape[0]]
+        axis = axes.get(name)
+        if axis is not None and tensor.shape[axis] < expected.shape[axis]:
+            expected = expected.narrow(axis, 0, tensor.shape[axis])
+        assert tensor.shape == expected.shape, name
         assert tensor.dtype == expected.dtype, name
         bits = BIT_VIEWS.get(tensor.dtype, tensor.dtype)  # NaN-safe, -0.0 != 0.0
         assert torch.equal(tensor.view(bits), expected.view(bits)), name
