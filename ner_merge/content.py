@@ -47,7 +47,9 @@ class TensorDigest:
 
 
 def digest(header: TensorHeader, data: bytearray) -> TensorDigest:
-    """The digest of one tensor's bytes, as read from its shard."""
+    """The digest of one tensor's bytes, as read from its shard: contiguous and
+    little-endian in either format (`ner_merge.reader`), so a pytorch_model.bin
+    and its safetensors conversion give their tensors the same hashes."""
     hasher = blake3.blake3(f"{header.dtype}\0{list(header.shape)}\0".encode())
     hasher.update(data)
     return TensorDigest(hasher.hexdigest(), _all_finite(as_tensor(header, data)))
