@@ -22,8 +22,12 @@ from ner_merge.cache import default_cache_dir
 from ner_merge.content import DigestIndex, ModelContent
 from ner_merge.errors import ModelError
 from ner_merge.reader import TensorHeader
+from ner_merge.torch_archive import read_torch_headers
 
 HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
+# Fetched only for a repository without safetensors weights, the one case in
+# which mergekit reads .bin files (many repositories hold both formats).
+HUB_BIN_PATTERNS = ["pytorch_model*.bin"]
 
 
 @dataclass(frozen=True)
@@ -36,39 +40,26 @@ class ResolvedModel:
 
     @cached_property
     def index(self) -> ShardedTensorIndex:
-        """mergekit's map from tensor names to shard files."""
+        """mergekit's map from tensor names to shard files: safetensors shards, or
+        pytorch_model.bin ones where a folder has no safetensors weights, as
+        mergekit chooses."""
         try:
-            index = ShardedTensorIndex.from_disk(self.path)
-        except Exception as error:  # mergekit and safetensors raise many kinds
-            for shard in sorted(Path(self.path).glob("*.safetensors")):
-                read_safetensors_header(str(shard))  # names a corrupt shard exactly
+            return ShardedTensorIndex.from_disk(self.path)
+        except Exception as error:  # mergekit, safetensors, torch raise many kinds
+            folder = Path(self.path)
+            shards = [*folder.glob("*.safetensors"), *folder.glob("pytorch_model*.bin")]
+            for shard in sorted(shards):
+                read_headers(str(shard))  # names a corrupt file exactly
             raise ModelError(
                 f"model {self.name}: no weights in {self.path}: {error}"
             ) from None
-        if not index.is_safetensors:
-            raise ModelError(
-                f"model {self.name}: only safetensors weights are supported "
-                f"(found pytorch_model.bin in {self.path})"
-            )
-        return index
 
     @cached_property
     def headers(self) -> dict[str, TensorHeader]:
-        """Dtype and shape of every tensor, from the shard headers alone."""
+        """Dtype, shape and place of every tensor, its data unread."""
         headers = {}
         for shard in self.index.shards:
-            shard_path = os.path.join(self.path, shard.filename)
-            header, data_start = read_safetensors_header(shard_path)
-            for name, info in header.items():
-                if name != "__metadata__":
-                    start, end = info["data_offsets"]
-                    headers[name] = TensorHeader(
-                        dtype=info["dtype"],
-                        shape=tuple(info["shape"]),
-                        path=shard_path,
-                        start=data_start + start,
-                        end=data_start + end,
-                    )
+            headers.update(read_headers(os.path.join(self.path, shard.filename)))
         return headers
 
     @cached_property
@@ -88,6 +79,29 @@ class ResolvedModel:
         root = default_cache_dir()
         index = DigestIndex(root) if root is not None else None
         return ModelContent(self.name, self.headers, index)
+
+
+def read_headers(file_path: str) -> dict[str, TensorHeader]:
+    """Every tensor's header in one weights file, by the file's format."""
+    if file_path.endswith(".safetensors"):
+        return safetensors_headers(file_path)
+    return read_torch_headers(file_path)
+
+
+def safetensors_headers(file_path: str) -> dict[str, TensorHeader]:
+    """Every tensor's header in a safetensors file."""
+    header, data_start = read_safetensors_header(file_path)
+    return {
+        name: TensorHeader(
+            dtype=info["dtype"],
+            shape=tuple(info["shape"]),
+            path=file_path,
+            start=data_start + info["data_offsets"][0],
+            end=data_start + info["data_offsets"][1],
+        )
+        for name, info in header.items()
+        if name != "__metadata__"
+    }
 
 
 def read_safetensors_header(file_path: str) -> tuple[dict, int]:
@@ -144,9 +158,21 @@ def resolve_model(reference: ModelReference) -> ResolvedModel:
         local = huggingface_hub.snapshot_download(
             path, revision=revision, allow_patterns=HUB_FILE_PATTERNS
         )
+        if not has_safetensors_weights(local):  # the same commit's .bin files
+            local = huggingface_hub.snapshot_download(
+                path,
+                revision=os.path.basename(local),
+                allow_patterns=HUB_BIN_PATTERNS,
+            )
     except Exception as error:  # offline, missing repo, bad revision: all say why
         raise ModelError(
             f"model {name}: not a local folder, and the Hub could not provide it "
             f"({type(error).__name__}: {error})"
         ) from None
     return ResolvedModel(name=name, path=local, revision=os.path.basename(local))
+
+
+def has_safetensors_weights(folder: str) -> bool:
+    """Whether mergekit will read safetensors weights from this folder."""
+    weights = os.path.join(folder, "model.safetensors")
+    return os.path.exists(weights) or os.path.exists(weights + ".index.json")
