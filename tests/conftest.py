@@ -100,11 +100,16 @@ def run_merge(recipe_path: Path, out: Path, **options):
 
 
 def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a model folder: its safetensors files, or where it has
+    none, its pytorch_model*.bin files (mergekit's preference)."""
     tensors = {}
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():
                 tensors[key] = handle.get_tensor(key)
+    if not tensors:
+        for file in sorted(folder.glob("pytorch_model*.bin")):
+            tensors.update(torch.load(file, weights_only=True))
     return tensors
 
 
