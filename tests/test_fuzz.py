@@ -41,8 +41,40 @@ def test_any_option_set_validates_or_raises_recipe_error(parameters):
         options = NerOptions.from_parameters(parameters, where="fuzz.yml")
     except RecipeError as error:
         assert "fuzz.yml" in str(error)
-    else:
-        assert set(options.model_dump()) == set(NerOptions.model_fields)
+    else:  # loaded as given, every other option at its default
+        assert options.model_dump() == {**DEFAULTS, **parameters}
+
+
+# Valid values of each option, written out here rather than read from the models.
+patterns = st.lists(
+    st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789._*?[]", min_size=1),
+    min_size=1,
+    max_size=3,
+)
+VALID_OPTIONS = {
+    "source_map": st.none() | st.text(min_size=1, max_size=12),
+    "granularity": st.sampled_from(["tensor", "module", "layer"]),
+    "keep_base": st.none() | patterns.map(",".join),
+    "compat": st.sampled_from([None, "nerd"]),
+    "stabilize": st.booleans(),
+    "nonfinite": st.sampled_from(["error", "lose"]),
+}
+DEFAULTS = {
+    "source_map": None,
+    "granularity": "tensor",
+    "keep_base": None,
+    "compat": None,
+    "stabilize": False,
+    "nonfinite": "error",
+}
+valid_options = st.fixed_dictionaries({}, optional=VALID_OPTIONS)
+
+
+@FUZZ
+@given(valid_options)
+def test_any_valid_option_set_loads_to_the_values_given(parameters):
+    options = NerOptions.from_parameters(parameters, where="fuzz.yml")
+    assert options.model_dump() == {**DEFAULTS, **parameters}
 
 
 RECIPE_KEYS = ["merge_method", "base_model", "models", "dtype", "parameters", "slices"]
@@ -55,9 +87,67 @@ def test_any_recipe_document_validates_or_raises_recipe_error(document):
         path = Path(folder) / "fuzz.yml"
         path.write_text(yaml.safe_dump(document))
         try:
-            Recipe.from_file(path)
+            recipe = Recipe.from_file(path)
         except RecipeError as error:
             assert str(path) in str(error)
+        else:
+            assert document["merge_method"] == "ner"
+            assert str(recipe.config.base_model) == str(document["base_model"])
+
+
+model_names = st.builds(
+    "{}{}".format,
+    st.sampled_from(["/m/", "org/", ""]),
+    st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_", min_size=1, max_size=8),
+)
+
+
+@st.composite
+def valid_recipes(draw):
+    """A valid recipe document, and what it must load to: the candidates in
+    order, the options and each candidate's excluded patterns."""
+    names = draw(st.lists(model_names, min_size=2, max_size=4, unique=True))
+    base, tuned = names[0], names[1:]
+    excluded = [draw(st.none() | patterns) for _ in tuned]
+    models = [
+        {"model": name}
+        if patterns_ is None
+        else {"model": name, "parameters": {"exclude": ",".join(patterns_)}}
+        for name, patterns_ in zip(tuned, excluded)
+    ]
+    if draw(st.booleans()):  # the base may be listed among the models too
+        models.insert(draw(st.integers(0, len(models))), {"model": base})
+    document = {"merge_method": "ner", "base_model": base, "models": models}
+    # mergekit takes no null parameter: an option left out is the way to say None
+    options = {k: v for k, v in draw(valid_options).items() if v is not None}
+    if options or draw(st.booleans()):
+        document["parameters"] = options
+    dtype = draw(st.sampled_from([None, "bfloat16", "float16", "float32"]))
+    if dtype is not None:
+        document["dtype"] = dtype
+    expected = {
+        "candidates": names,
+        "options": {**DEFAULTS, **options},
+        "exclusions": [(), *(tuple(p or ()) for p in excluded)],
+        "dtype": dtype,
+    }
+    return document, expected
+
+
+@FUZZ
+@given(valid_recipes())
+def test_any_valid_recipe_loads_to_the_values_given(generated):
+    document, expected = generated
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "fuzz.yml"
+        path.write_text(yaml.safe_dump(document))
+        recipe = Recipe.from_file(path)
+    assert [str(model) for model in recipe.candidates()] == expected["candidates"]
+    assert str(recipe.config.base_model) == expected["candidates"][0]
+    assert recipe.options.model_dump() == expected["options"]
+    assert [tuple(e) for e in recipe.exclusions] == expected["exclusions"]
+    assert recipe.config.dtype == expected["dtype"]
+    assert recipe.where == str(path)
 
 
 def _valid_map() -> dict:
@@ -115,20 +205,109 @@ def mutated_maps(draw):
     return document
 
 
-def _load(text: bytes) -> None:
+def _load(text: bytes) -> SourceMap | None:
+    """The loaded map, or None after a SourceMapError that names the file."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "map.json"
         path.write_bytes(text)
         try:
-            SourceMap.load(path)
+            return SourceMap.load(path)
         except SourceMapError as error:
             assert str(path) in str(error)
+            return None
 
 
 @FUZZ
 @given(mutated_maps())
 def test_any_edited_map_loads_or_raises_source_map_error(document):
-    _load(json.dumps(document).encode())
+    source_map = _load(json.dumps(document).encode())
+    if source_map is not None:  # what it says is what the document says
+        assert [m.name for m in source_map.models] == [
+            m["name"] for m in document["models"]
+        ]
+        assert {name: c.source for name, c in source_map.tensors.items()} == {
+            name: c["source"] for name, c in document["tensors"].items()
+        }
+
+
+finite = st.floats(allow_nan=False, allow_infinity=False)
+finite_json = st.recursive(  # standard JSON: no NaN or Infinity
+    st.one_of(st.none(), st.booleans(), st.integers(), finite, st.text(max_size=12)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    ),
+    max_leaves=8,
+)
+small_ints = st.integers(0, 10_000)
+
+
+@st.composite
+def valid_maps(draw) -> dict:
+    """A valid source map document with every field written out."""
+    names = draw(st.lists(st.text(min_size=1, max_size=8), min_size=1, unique=True))
+    base = draw(st.integers(0, len(names) - 1))
+    models = [
+        {
+            "name": name,
+            "path": draw(st.text(max_size=12)),
+            "revision": draw(st.none() | st.text(max_size=12)),
+            "fingerprint": draw(st.text(alphabet="0123456789abcdef", max_size=64)),
+            "role": "base" if index == base else "fine-tuned",
+            "exclude": draw(patterns | st.just([])),
+        }
+        for index, name in enumerate(names)
+    ]
+    model = st.sampled_from(names)
+    scores = st.dictionaries(model, st.none() | finite, max_size=len(names))
+    units = draw(
+        st.dictionaries(
+            st.text(max_size=16),
+            st.fixed_dictionaries({"source": model, "scores": scores}),
+            max_size=2,
+        )
+    )
+    tensors = st.dictionaries(
+        st.text(max_size=16),
+        st.fixed_dictionaries(
+            {
+                "source": model,
+                "rule": st.sampled_from(
+                    [
+                        "highest-ner",
+                        "highest-mean-ner",
+                        "follows",
+                        "base",
+                        "keep-base",
+                        "override",
+                    ]
+                ),
+                "layer": st.none() | small_ints,
+                "shape": st.lists(small_ints, max_size=3),
+                "scores": scores,
+                "follows": st.none() | st.text(max_size=16),
+                "unit": st.none() | st.sampled_from(sorted(units) or [None]),
+                "excluded": st.lists(model, max_size=2),
+                "stabilized": st.none() | st.floats(0, 1),
+            }
+        ),
+        max_size=4,
+    )
+    return {
+        "format_version": 1,
+        "models": models,
+        "options": draw(st.dictionaries(st.text(max_size=8), finite_json, max_size=3)),
+        "tensors": draw(tensors),
+        "units": units,
+    }
+
+
+@FUZZ
+@given(valid_maps())
+def test_any_valid_map_loads_to_the_values_given(document):
+    source_map = _load(json.dumps(document).encode())
+    assert source_map is not None
+    assert source_map.model_dump(mode="json") == document
 
 
 @FUZZ
