@@ -1,4 +1,9 @@
-"""What a user sees of a merge: figure, report, model card, `plan --show`, `show`."""
+"""What a user sees of a merge: figure, report, model card, `plan --show`, `show`.
+
+Tests named `..._is_consistent_with_...` compare one view of a source map with
+another part of this tool (the grid, the palette, `share_by_model`, `margin`):
+they catch views that disagree, not a wrong map or a wrong palette shared by both.
+"""
 
 import logging
 import re
@@ -30,7 +35,7 @@ def merged(tmp_path_factory, qwen_trio) -> Path:
     return root / "out"
 
 
-def test_heat_map_matrix_is_the_source_map(merged):
+def test_heat_map_matrix_is_consistent_with_the_source_map(merged):
     source_map = SourceMap.load(merged / "ner_source_map.json")
     grid = source_grid(source_map)
     matrix = grid.source_indices()
@@ -47,7 +52,7 @@ def test_heat_map_matrix_is_the_source_map(merged):
     assert matrix[grid.rows.index(1)][grid.columns.index("mlp.up_proj.weight")] == 2
 
 
-def test_figure_pixels_show_each_cell_source(merged):
+def test_figure_pixels_are_consistent_with_the_grid_and_palette(merged):
     png = merged / report.FIGURE_FILE
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pixels = imread(png)  # (height, width, RGBA) floats in [0, 1]
@@ -65,7 +70,7 @@ def test_figure_pixels_show_each_cell_source(merged):
             assert pixel == pytest.approx(to_rgb(colour), abs=0.02), (r, c)
 
 
-def test_report_embeds_the_figure_and_the_card_shares_match(merged):
+def test_card_shares_are_consistent_with_the_map_and_the_report_has_the_figure(merged):
     assert f"]({report.FIGURE_FILE})" in (merged / report.REPORT_FILE).read_text()
     source_map = SourceMap.load(merged / "ner_source_map.json")
     card = (merged / report.CARD_FILE).read_text()
@@ -81,6 +86,13 @@ def test_report_embeds_the_figure_and_the_card_shares_match(merged):
     assert sum(int(count) for _, _, count, _ in rows) == total
     assert f"[{report.REPORT_FILE}]({report.REPORT_FILE})" in section
     assert f"[{report.FIGURE_FILE}]({report.FIGURE_FILE})" in section
+
+
+def test_each_model_has_a_colour_of_its_own():
+    """Independent of the palette's choices: models stay apart, and from gaps."""
+    colours = [to_rgb(model_colour(index)) for index in range(8)]
+    assert len(set(colours)) == len(colours)
+    assert to_rgb(EMPTY_COLOUR) not in colours
 
 
 def test_figure_bytes_are_reproducible(tmp_path, merged):
@@ -155,7 +167,7 @@ def test_plan_show_prints_the_plan_and_writes_nothing(tmp_path, qwen_trio, monke
     assert again.exit_code == 0 and again.output == shown.output
 
 
-def test_plan_table_cells_are_the_map(merged):
+def test_plan_table_cells_are_consistent_with_the_map(merged):
     source_map = SourceMap.load(merged / "ner_source_map.json")
     table = report.plan_table(source_map)
     names = [model.name for model in source_map.models]
