@@ -261,7 +261,7 @@ def _kill_mid_merge(recipe: Path, out: Path) -> None:
         assert time.monotonic() < deadline, "merge never started writing"
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
-    process.wait()
+    assert process.wait() == -signal.SIGKILL  # it died of the kill, not by itself
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -278,10 +278,10 @@ def test_killed_merge_leaves_out_absent_or_untouched(tmp_path, medium_trio):
     _kill_mid_merge(recipe, out)
     assert not out.exists()
 
-    out.mkdir()
-    (out / "model.safetensors").write_text("an earlier, finished merge")
+    done = subprocess.run([MERGEKIT_YAML, str(recipe), str(out)], capture_output=True)
+    assert done.returncode == 0, done.stderr
     before = _digest(out)
-    _kill_mid_merge(recipe, out)
+    _kill_mid_merge(recipe, out)  # a second merge into a finished one, cut short
     assert _digest(out) == before
 
     done = subprocess.run([MERGEKIT_YAML, str(recipe), str(out)], capture_output=True)
@@ -331,3 +331,49 @@ def test_plans_do_not_depend_on_the_run(tmp_path, qwen_trio, monkeypatch):
         caches.append(_digest(cache))
     assert all(caches)  # each run scored, into its own cache
     assert plans[0] == plans[1]
+
+
+# --- the bit-identity check itself -----------------------------------------------
+
+EMBEDDING = "model.embed_tokens.weight"
+
+
+def _claimed_copy(tmp_path: Path, base: Path, edit) -> Path:
+    """An output folder whose map says every tensor comes from `base` unchanged,
+    with its weights passed through `edit(dict)`."""
+    out = edited_copy(base, tmp_path / "out", edit)
+    tensors = load_file(out / "model.safetensors")
+    document = {
+        "models": [{"name": "base", "path": str(base), "role": "base"}],
+        "tensors": {name: {"source": "base"} for name in tensors},
+    }
+    (out / "ner_source_map.json").write_text(json.dumps(document))
+    return out
+
+
+def _cut(name: str, rows=slice(None), columns=slice(None)):
+    return lambda tensors: tensors.update(
+        {name: tensors[name][rows, columns].contiguous()}
+    )
+
+
+@pytest.mark.parametrize(
+    "edit, accepted",
+    [
+        (lambda tensors: None, True),
+        (_cut(EMBEDDING, rows=slice(-3)), True),  # tokens dropped by a tokenizer option
+        (_cut(EMBEDDING, rows=slice(3, None)), False),  # not its first rows
+        (_cut(EMBEDDING, columns=slice(-1)), False),  # not along the token axis
+        (_cut(MATRIX, rows=slice(-1)), False),  # not token-indexed
+    ],
+    ids=["whole", "first-tokens", "last-tokens", "hidden-axis", "not-token-indexed"],
+)
+def test_bit_identity_check_cuts_only_token_indexed_tensors_along_tokens(
+    tmp_path, qwen_trio, edit, accepted
+):
+    out = _claimed_copy(tmp_path, qwen_trio["base"], edit)
+    if accepted:
+        assert_bit_identical_to_sources(out)
+    else:
+        with pytest.raises(AssertionError):
+            assert_bit_identical_to_sources(out)
