@@ -24,15 +24,6 @@ if TYPE_CHECKING:
     from ner_merge.recipe import Recipe
 
 
-def __getattr__(name: str) -> str:
-    """`report.CARD_FILE`, still importable from here, loaded only when asked for."""
-    if name == "CARD_FILE":
-        from ner_merge.card import CARD_FILE
-
-        return CARD_FILE
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 LOG = logging.getLogger(__name__)
 
 REPORT_FILE = "ner_report.md"

@@ -16,6 +16,7 @@ from matplotlib.colors import to_rgb
 from matplotlib.image import imread
 
 from ner_merge import report
+from ner_merge.card import CARD_FILE
 from ner_merge.cli import main
 from ner_merge.figure import EMPTY_COLOUR, draw_figure, model_colour, write_figure
 from ner_merge.grid import margin, short_labels, source_grid, tensor_type
@@ -73,7 +74,7 @@ def test_figure_pixels_are_consistent_with_the_grid_and_palette(merged):
 def test_card_shares_are_consistent_with_the_map_and_the_report_has_the_figure(merged):
     assert f"]({report.FIGURE_FILE})" in (merged / report.REPORT_FILE).read_text()
     source_map = SourceMap.load(merged / "ner_source_map.json")
-    card = (merged / report.CARD_FILE).read_text()
+    card = (merged / CARD_FILE).read_text()
     section = card[card.index("## NER layer selection") :]
     rows = re.findall(r"^\| `(.+?)` \| (\S+) \| (\d+) \| ([\d.]+)% \|$", section, re.M)
     total = len(source_map.tensors)
