@@ -117,6 +117,7 @@ class Recipe:
                 "models: models must list at least one fine-tuned model besides "
                 f"the base {config.base_model}"
             )
+        problems += repeated_models(config)
         options, found = _checked_options(NerOptions, config.parameters, "parameters")
         problems += found
         exclusions: dict[ModelReference, tuple[str, ...]] = {}
@@ -132,7 +133,7 @@ class Recipe:
                     f"{prefix}.exclude: the base cannot be excluded, it supplies "
                     "every tensor no other model may"
                 )
-            exclusions[entry.model] = exclusions.get(entry.model, ()) + excluded
+            exclusions[entry.model] = excluded
         if problems:
             raise RecipeError(_joined(where, problems))
         return cls(
@@ -154,6 +155,28 @@ def candidate_models(config: MergeConfiguration) -> list[ModelReference]:
     """The configuration's base, then each other model once, in recipe order."""
     ordered = [config.base_model] + [model.model for model in config.models or []]
     return list(dict.fromkeys(ordered))
+
+
+def repeated_models(config: MergeConfiguration) -> list[str]:
+    """A problem line per fine-tuned model listed again under the same name.
+
+    mergekit refuses such a recipe only after an NER plan has scored every model
+    ("Duplicate merge inputs"). The base repeated under `models:` is fine: mergekit
+    takes it, as recipes of its weighted methods do, and it is one candidate.
+    (The same model under other spellings is found once models are resolved.)
+    """
+    first: dict[ModelReference, int] = {}
+    problems = []
+    for index, entry in enumerate(config.models or []):
+        if entry.model == config.base_model:
+            continue
+        if entry.model in first:
+            problems.append(
+                f"models.{index}.model: {entry.model} is listed twice (also "
+                f"models.{first[entry.model]}.model); list each model once"
+            )
+        first.setdefault(entry.model, index)
+    return problems
 
 
 def _joined(where: str, problems: list[str]) -> str:
