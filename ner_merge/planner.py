@@ -11,6 +11,7 @@ Tensor names come from mergekit's architecture tables: no family is hard-coded.
 """
 
 import logging
+import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
 from ner_merge.cache import ScoreCache, default_cache_dir
-from ner_merge.errors import ModelError, RecipeError
+from ner_merge.errors import ModelError, NerMergeError, RecipeError
 from ner_merge.models import ResolvedModel, resolve_model
 from ner_merge.ner import NonFiniteMatrixError, normalized_effective_rank
 from ner_merge.nerd import nerd_score, scores_like_nerd, stabilize
@@ -117,12 +118,82 @@ def localized_config(recipe: Recipe, models: list[ResolvedModel]) -> MergeConfig
 
 
 def resolve_models(recipe: Recipe) -> list[ResolvedModel]:
-    """Resolve every candidate, and read each one's index and headers up front."""
+    """Resolve every candidate, read each one's index and headers up front, and
+    refuse one model given twice under two names."""
     models = [resolve_model(reference) for reference in recipe.candidates()]
+    _refuse_one_folder_twice(models, recipe.where)
     for model in models:  # fail now, naming the model, not mid-plan
         model.headers  # noqa: B018
         model.config  # noqa: B018
+    for index, first in enumerate(models):
+        for second in models[index + 1 :]:
+            if same_content(first, second):
+                raise ModelError(
+                    f"{recipe.where}: models {first.name} and {second.name} hold "
+                    "the same weights (every tensor identical); list each model once"
+                )
     return models
+
+
+def _refuse_one_folder_twice(models: list[ResolvedModel], where: str) -> None:
+    """Two spellings of one folder (`x/sea`, `x/../models/sea`, a symbolic link,
+    `org/name` and `org/name@main`) would be scored twice and then refused by
+    mergekit ("Duplicate merge inputs") only once the plan is done."""
+    seen: dict[str, ResolvedModel] = {}
+    for model in models:
+        real = os.path.realpath(model.path)
+        if real in seen:
+            raise ModelError(
+                f"{where}: models {seen[real].name} and {model.name} are one folder "
+                f"({real}); list each model once"
+            )
+        seen[real] = model
+
+
+def same_content(first: ResolvedModel, second: ResolvedModel) -> bool:
+    """Whether two models hold the same tensors byte for byte (equal content
+    fingerprints), reading as little as possible.
+
+    Fingerprints would read every tensor of a model not yet indexed before the
+    plan starts. Distinct models of one family differ somewhere, almost always
+    already in a norm or a bias, so tensors are compared smallest first and the
+    first difference ends it; the digests read are kept for the plan.
+    """
+    layout = {name: (h.dtype, h.shape) for name, h in first.headers.items()}
+    if layout != {name: (h.dtype, h.shape) for name, h in second.headers.items()}:
+        return False
+    for name in sorted(layout, key=lambda n: (prod(layout[n][1]), n)):
+        if _tensor_hash(first, name) != _tensor_hash(second, name):
+            return False
+    return True
+
+
+def _tensor_hash(model: ResolvedModel, name: str) -> str:
+    """A stored tensor's content hash, read (and kept) if not yet known."""
+    if model.content.known(name) is None:
+        model.content.read(name)
+    return model.content.known(name).hash
+
+
+def check_device(merge_options: MergeOptions) -> None:
+    """Refuse a scoring device torch cannot compute on, before any model is read.
+
+    mergekit's --cuda without CUDA, or a device with no kernels (`meta`), would
+    otherwise fail at the first matrix scored, or pass unnoticed when every score
+    is cached. Scoring a 2 x 2 identity there is the test: it allocates, runs the
+    kernel's float64 arithmetic and copies a number back.
+    """
+    device = merge_options.device
+    cuda = merge_options.cuda and device == "cuda"
+    option = "--cuda" if cuda else f"--device {device}"
+    try:
+        normalized_effective_rank(torch.eye(2), device)
+    except Exception as error:  # torch raises many kinds for a bad device
+        reason = next(iter(str(error).strip().splitlines()), "")  # first line only
+        raise NerMergeError(
+            f"{option}: torch cannot score on this device "
+            f"({type(error).__name__}: {reason})"
+        ) from None
 
 
 def output_tensors(
@@ -657,6 +728,7 @@ def plan(
 ) -> SourceMap:
     """Score the recipe's models and return the source map of the merge."""
     merge_options = merge_options or MergeOptions()
+    check_device(merge_options)
     models = models or resolve_models(recipe)
     config = localized_config(recipe, models)
     vocabulary = vocabulary_alignment(config, merge_options)
