@@ -14,6 +14,7 @@ run killed at any moment leaves either no entry or a whole one. An unreadable or
 malformed entry counts as a miss (said once per run) and is overwritten.
 """
 
+import functools
 import hashlib
 import json
 import logging
@@ -32,14 +33,43 @@ CACHE_DISABLED = "off"
 
 
 def default_cache_dir() -> Path | None:
-    """$NER_MERGE_CACHE_DIR, else $XDG_CACHE_HOME/ner-merge, else ~/.cache/ner-merge."""
+    """$NER_MERGE_CACHE_DIR, else $XDG_CACHE_HOME/ner-merge, else ~/.cache/ner-merge;
+    None when set to "off" or when that folder cannot be used."""
     configured = os.environ.get(CACHE_DIR_VARIABLE)
     if configured == CACHE_DISABLED:
         return None
     if configured:
-        return Path(configured)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "ner-merge"
+        folder = Path(configured)
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        folder = Path(base) / "ner-merge"
+    return folder if _usable(folder) else None
+
+
+@functools.cache
+def _usable(folder: Path) -> bool:
+    """Whether the folder exists or can be created, and takes new files (tried:
+    permission bits lie to root and on read-only mounts).
+
+    Both the score cache and the content index live here: one unusable folder is
+    said once per run, here, rather than once by each of them, and neither tries
+    it again.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        LOG.warning(
+            "cache folder %s cannot be used (%s): no scores or content hashes are "
+            "kept this run; point %s at a writable folder, or set it to %s",
+            folder,
+            error.strerror or error,
+            CACHE_DIR_VARIABLE,
+            CACHE_DISABLED,
+        )
+        return False
+    return True
 
 
 class ScoreCache:
