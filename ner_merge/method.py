@@ -7,16 +7,21 @@ tensor the map marks `stabilized` (NERD's second stage, `stabilize: true`): it i
 returned with the base's values put back, and the count of them must equal the
 planned one. The planning itself happens before the merge (see
 `ner_merge.pipeline`), which passes the map's path in.
+
+Without a map (mergekit's in-memory API, `merge_tensors` and `merge_state_dicts`)
+each tensor chooses alone, among the copies it is given: see `_highest_ner_copy`.
 """
 
 import os
 
 import torch
 from mergekit.io.tasks import LoaderCache
-from mergekit.merge_methods import TensorGroup, merge_method, registry
+from mergekit.merge_methods import TensorEntry, TensorGroup, merge_method, registry
 
-from ner_merge.errors import SourceMapError
+from ner_merge.errors import ModelError, SourceMapError
+from ner_merge.ner import NonFiniteMatrixError, normalized_effective_rank
 from ner_merge.nerd import stabilize
+from ner_merge.planner import first_best
 from ner_merge.recipe import METHOD_NAME
 from ner_merge.source_map import ModelEntry, load_cached
 
@@ -26,7 +31,9 @@ from ner_merge.source_map import ModelEntry, load_cached
     pretty_name="NER layer selection",
     uses_accelerator=False,  # it only copies: keep tensors where they are
 )
-def ner_merge_method(group: TensorGroup, source_map: str) -> torch.Tensor:
+def ner_merge_method(group: TensorGroup, source_map: str | None = None) -> torch.Tensor:
+    if source_map is None:
+        return _highest_ner_copy(group)
     # mergekit keeps every input shard memory-mapped for the whole merge, and each
     # page read stays resident: memory would grow with the models. The group's
     # tensors are loaded by now; closing the shards keeps one tensor per model.
@@ -48,6 +55,35 @@ def ner_merge_method(group: TensorGroup, source_map: str) -> torch.Tensor:
             "differ from the planned ones (another dtype?); plan again"
         )
     return result
+
+
+def _highest_ner_copy(group: TensorGroup) -> torch.Tensor:
+    """The copy with the highest NER, for a caller that planned nothing.
+
+    Only 2-D floating-point tensors are scored; any other tensor (a bias, a
+    norm, an integer buffer) comes from the base, or from the first input when
+    none is marked base, because without the other tensors of its module and
+    layer there is nothing to follow (a planned merge applies the full rules,
+    see `ner_merge.planner.RULES`). Ties go to the base, then to the earlier
+    input. A copy holding NaN or Inf is an error naming it.
+    """
+    candidates = [entry for entry in group.entries if entry.is_base] + [
+        entry for entry in group.entries if not entry.is_base
+    ]
+    first = candidates[0].tensor
+    if not (first.is_floating_point() and first.ndim == 2):
+        return first
+    scores = [_score(entry, group.metadata.name) for entry in candidates]
+    return candidates[first_best(scores)].tensor
+
+
+def _score(entry: TensorEntry, name: str | None) -> float:
+    try:
+        return normalized_effective_rank(entry.tensor)
+    except NonFiniteMatrixError:
+        raise ModelError(
+            f"tensor {name or '(unnamed)'}: input {entry.id!r} holds NaN or Inf values"
+        ) from None
 
 
 def _copy_of(
