@@ -109,7 +109,19 @@ def save_map(source_map: "SourceMap", path: str) -> None:
     "--show", is_flag=True, help="Print each layer's sources and score margins."
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def plan_command(recipe_file: str, output: str | None, show: bool, quiet: bool) -> None:
+@click.option("--cuda", is_flag=True, help="Score on the GPU (as mergekit-yaml's).")
+@click.option(
+    "--device",
+    help="Score on this torch device, e.g. cuda:1 or auto (as mergekit-yaml's).",
+)
+def plan_command(
+    recipe_file: str,
+    output: str | None,
+    show: bool,
+    quiet: bool,
+    cuda: bool,
+    device: str | None,
+) -> None:
     """Score RECIPE_FILE's models and write or show the source map, merging nothing.
 
     To merge, run `mergekit-yaml RECIPE_FILE OUT`, adding
@@ -117,6 +129,8 @@ def plan_command(recipe_file: str, output: str | None, show: bool, quiet: bool) 
     """
     if not output and not show:
         raise click.UsageError("give -o FILE to write the map, --show to print it")
+    from mergekit.options import MergeOptions
+
     from ner_merge.planner import plan
     from ner_merge.recipe import Recipe
     from ner_merge.report import plan_table
@@ -125,7 +139,8 @@ def plan_command(recipe_file: str, output: str | None, show: bool, quiet: bool) 
         recipe = Recipe.from_file(recipe_file)
         if output:
             check_output_file(output)
-        source_map = plan(recipe, quiet=quiet)
+        options = MergeOptions(cuda=cuda, device=device, quiet=quiet)
+        source_map = plan(recipe, options, quiet=quiet)
     except NerMergeError as error:
         raise click.ClickException(str(error)) from error
     if show:
