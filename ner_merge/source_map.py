@@ -127,6 +127,41 @@ class SourceMap(_Frozen):
     def model(self, name: str) -> ModelEntry:
         return next(model for model in self.models if model.name == name)
 
+    def renamed(self, names: dict[str, str]) -> "SourceMap":
+        """The same map with models renamed (old name: new name) wherever one is
+        named: its entry, and each tensor's and unit's source, scores and
+        exclusions. Names left out stay; two models must not end up as one."""
+
+        def rename(name: str) -> str:
+            return names.get(name, name)
+
+        def scores(given: dict[str, float | None]) -> dict[str, float | None]:
+            return {rename(model): score for model, score in given.items()}
+
+        tensors = {
+            name: choice.model_copy(
+                update={
+                    "source": rename(choice.source),
+                    "scores": scores(choice.scores),
+                    "excluded": tuple(rename(model) for model in choice.excluded),
+                }
+            )
+            for name, choice in self.tensors.items()
+        }
+        units = {
+            name: unit.model_copy(
+                update={"source": rename(unit.source), "scores": scores(unit.scores)}
+            )
+            for name, unit in self.units.items()
+        }
+        models = tuple(
+            model.model_copy(update={"name": rename(model.name)})
+            for model in self.models
+        )
+        return self.model_copy(
+            update={"models": models, "tensors": tensors, "units": units}
+        )
+
     def share_by_model(self) -> dict[str, int]:
         """How many output tensors each model supplies (all models listed)."""
         counts = Counter(choice.source for choice in self.tensors.values())
