@@ -10,6 +10,7 @@ then renamed to OUT (see `ner_merge.output` for what is never done to OUT).
 import functools
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import click
 from mergekit.config import MergeConfiguration
@@ -17,10 +18,12 @@ from mergekit.options import MergeOptions
 
 from ner_merge.card import write_model_card
 from ner_merge.errors import NerMergeError, SourceMapError
+from ner_merge.folders import check_base_tokenizer
 from ner_merge.models import ResolvedModel
 from ner_merge.output import OutputFolder
 from ner_merge.planner import (
     OutputTensor,
+    check_device,
     first_best,
     localized_config,
     output_tensors,
@@ -60,7 +63,7 @@ def with_ner_planning(run_merge: Callable) -> Callable:
         context = click.get_current_context(silent=True)
         where = (context.params.get("config_file") if context else None) or "recipe"
         try:
-            recipe = Recipe.from_config(merge_config, where=where)
+            recipe = Recipe.from_config(merge_config, where=where, source=config_source)
             return merge(recipe, out_path, options, config_source, run_merge)
         except NerMergeError as error:
             if context is None:
@@ -78,7 +81,9 @@ def merge(
     run_merge: Callable,
 ) -> SourceMap:
     """Plan (or check the given map), run mergekit's merge, publish OUT atomically."""
+    check_device(merge_options)
     models = resolve_models(recipe)
+    check_base_tokenizer(recipe, models[0].path, merge_options)
     output = OutputFolder(out_path, [model.path for model in models])
     with output.prepared():
         if recipe.options.source_map:
@@ -91,12 +96,15 @@ def merge(
             source_map.save(map_path)
             config = localized_config(recipe, models)
             parameters = dict(config.parameters or {}, source_map=str(map_path))
-            run_merge(
-                config.model_copy(update={"parameters": parameters}),
-                str(staging),
-                streaming_options(merge_options, models),
-                config_source=config_source,
-            )
+            try:
+                run_merge(
+                    config.model_copy(update={"parameters": parameters}),
+                    str(staging),
+                    streaming_options(merge_options, models),
+                    config_source=config_source,
+                )
+            except SourceMapError as error:  # from the method, naming the staged copy
+                raise as_given(error, map_path, recipe.options.source_map) from None
             if merge_options.write_model_card:
                 write_model_card(staging, recipe, config_source)
             write_report(staging, source_map, recipe)
@@ -125,33 +133,24 @@ def streaming_options(
     return options.model_copy(update=updates)
 
 
+def as_given(error: SourceMapError, staged: Path, given: str | None) -> SourceMapError:
+    """The merge method names the map it reads: a staging copy, gone with the
+    failed merge. A user who gave a map can only fix that file, so name it."""
+    return SourceMapError(str(error).replace(str(staged), given)) if given else error
+
+
 def checked_source_map(
     recipe: Recipe, models: list[ResolvedModel], merge_options: MergeOptions
 ) -> SourceMap:
     """Load a user-given map and prove it was made for exactly these models (by
     content) and the recipe's options; its hand edits are resolved.
 
-    The map names the models; where their files are comes from the recipe: the
-    map returned carries the recipe's paths, so no tensor is read from a folder
-    the map alone points to.
+    The map names the models; which they are and where their files are comes
+    from the recipe: the map returned carries the recipe's names and paths, so
+    no tensor is read from a folder the map alone points to.
     """
     where = recipe.options.source_map
-    source_map = SourceMap.load(where)
-    mapped = [(m.name, m.role) for m in source_map.models]
-    expected = [
-        (m.name, "base" if i == 0 else "fine-tuned") for i, m in enumerate(models)
-    ]
-    if mapped != expected:
-        raise SourceMapError(
-            f"{where}: made for models {mapped}, but the recipe has {expected}"
-        )
-    for entry, model in zip(source_map.models, models):
-        if entry.fingerprint != model.content.fingerprint:
-            raise SourceMapError(
-                f"{where}: model {model.name} has changed since the map was made "
-                f"(fingerprint {entry.fingerprint[:12]} in the map, "
-                f"{model.content.fingerprint[:12]} on disk): plan again"
-            )
+    source_map = paired_with_recipe(SourceMap.load(where), models, where)
     _check_options(recipe, source_map, where)
     config = localized_config(recipe, models)
     vocabulary = vocabulary_alignment(config, merge_options)
@@ -169,11 +168,72 @@ def checked_source_map(
         )
     source_map = resolve_hand_edits(source_map)
     _check_sources_finite(source_map, tensors, models, where)
-    located = tuple(
-        entry.model_copy(update={"path": model.path, "revision": model.revision})
-        for entry, model in zip(source_map.models, models)
+    return source_map
+
+
+def paired_with_recipe(
+    source_map: SourceMap, models: list[ResolvedModel], where: str
+) -> SourceMap:
+    """The map's models paired with the recipe's by content, then renamed and
+    ordered as the recipe has them.
+
+    A map made in another folder, or with other spellings of the same models
+    (`x/sea` for `./x/sea`, a link, a copy), is as valid as the original: each
+    recipe model takes the entry with its content fingerprint, in the same role
+    (the base is the base). Every mention of a model (sources, scores, units,
+    exclusions) is renamed, and recipe order becomes the map's order: the tie
+    order, so a tie the map broke otherwise reads as an `override`.
+    """
+    names = [entry.name for entry in source_map.models]
+    if len(names) != len(models):
+        raise SourceMapError(
+            f"{where}: made for models {names}, but the recipe has "
+            f"{[model.name for model in models]}"
+        )
+    by_content = {entry.fingerprint: entry for entry in source_map.models}
+    renames: dict[str, str] = {}
+    located = []
+    for index, model in enumerate(models):
+        entry = by_content.get(model.content.fingerprint)
+        if entry is None:
+            raise SourceMapError(_unmapped(source_map, model, where))
+        role = "base" if index == 0 else "fine-tuned"
+        if entry.role != role:
+            raise SourceMapError(
+                f"{where}: model {model.name} is {role} in the recipe, but the map "
+                f"has its content ({entry.name}) as {entry.role}; plan again"
+            )
+        renames[entry.name] = model.name
+        located.append(
+            entry.model_copy(
+                update={
+                    "name": model.name,
+                    "path": model.path,
+                    "revision": model.revision,
+                }
+            )
+        )
+    renamed = source_map.renamed(renames)
+    return renamed.model_copy(update={"models": tuple(located)})
+
+
+def _unmapped(source_map: SourceMap, model: ResolvedModel, where: str) -> str:
+    """Why a recipe model has no entry in the map: changed since, or another."""
+    fingerprint = model.content.fingerprint
+    for entry in source_map.models:
+        if entry.name == model.name:
+            return (
+                f"{where}: model {model.name} has changed since the map was made "
+                f"(fingerprint {entry.fingerprint[:12]} in the map, "
+                f"{fingerprint[:12]} on disk): plan again"
+            )
+    listed = ", ".join(
+        f"{entry.name} ({entry.fingerprint[:12]})" for entry in source_map.models
     )
-    return source_map.model_copy(update={"models": located})
+    return (
+        f"{where}: made for models {listed}; none holds the content of model "
+        f"{model.name} ({fingerprint[:12]}): plan again"
+    )
 
 
 def _check_options(recipe: Recipe, source_map: SourceMap, where: str) -> None:
