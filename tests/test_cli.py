@@ -179,3 +179,52 @@ def test_eval_prints_a_progress_line_per_model_unless_quiet(tmp_path, qwen_trio)
     quiet = CliRunner().invoke(main, [*args, "--quiet"])
     assert quiet.exit_code == 0 and quiet.stderr == ""
     assert quiet.stdout == done.stdout
+
+
+@pytest.mark.parametrize(
+    "options, says",
+    [
+        (["--device", "meta"], "--device meta: torch cannot score on this device"),
+        (["--cuda"], "--cuda: torch cannot score on this device"),
+    ],
+    ids=["meta", "cuda"],
+)
+def test_plan_refuses_a_device_it_cannot_score_on_before_scoring(
+    tmp_path, qwen_trio, isolated_score_cache, options, says
+):
+    if options == ["--cuda"] and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    recipe = write_recipe(tmp_path / "r.yml", qwen_trio["base"], [qwen_trio["one"]])
+    done = CliRunner().invoke(main, ["plan", str(recipe), "--show", *options])
+    assert done.exit_code == 1
+    message = done.output.strip()
+    assert message.count("\n") == 0 and message.startswith(f"Error: {says} (")
+    assert _empty(isolated_score_cache)
+
+
+def test_plan_scores_on_the_device_given(tmp_path, qwen_trio):
+    recipe = write_recipe(tmp_path / "r.yml", qwen_trio["base"], [qwen_trio["one"]])
+    args = ["plan", str(recipe), "--quiet", "-o"]
+    default = CliRunner().invoke(main, [*args, str(tmp_path / "a.json")])
+    on_cpu = CliRunner().invoke(
+        main, [*args, str(tmp_path / "b.json"), "--device", "cpu"]
+    )
+    assert default.exit_code == 0 and on_cpu.exit_code == 0, on_cpu.output
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+
+
+def test_plan_refuses_one_model_under_two_spellings(
+    tmp_path, qwen_trio, isolated_score_cache
+):
+    link = tmp_path / "sea"
+    link.symlink_to(qwen_trio["one"])
+    recipe = write_recipe(
+        tmp_path / "r.yml", qwen_trio["base"], [qwen_trio["one"], link]
+    )
+    done = CliRunner().invoke(main, ["plan", str(recipe), "--show"])
+    assert done.exit_code == 1
+    assert done.output.strip() == (
+        f"Error: {recipe}: models {qwen_trio['one']} and {link} are one folder "
+        f"({qwen_trio['one']}); list each model once"
+    )
+    assert _empty(isolated_score_cache)
