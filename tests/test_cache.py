@@ -184,7 +184,7 @@ def test_a_model_rewritten_in_place_misses_and_its_map_is_refused(
     tmp_path, wide_base, monkeypatch
 ):
     """Same path, same size, mtime set back: one changed tensor still counts."""
-    tuned = shutil.copytree(wide_base, tmp_path / "tuned")
+    tuned = _with_one_matrix_replaced(wide_base, tmp_path / "tuned")
     recipe = write_recipe(tmp_path / "r.yml", wide_base, [tuned])
     before = plan(Recipe.from_file(recipe), quiet=True)
     weights = tuned / "model.safetensors"

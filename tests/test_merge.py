@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from ner_merge.planner import first_best, plan
 from ner_merge.recipe import Recipe
@@ -82,10 +82,20 @@ def test_scores_match_the_reference_and_biases_follow_their_matrix(tmp_path, qwe
     assert norm.rule == "follows" and norm.follows == "layer 0"
 
 
+def _twin(model: Path, target: Path) -> Path:
+    """A copy whose matrices tie with the original's; its final norm differs, as
+    one model may not be given twice."""
+    shutil.copytree(model, target)
+    tensors = load_file(target / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] * 2
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    return target
+
+
 def test_ties_go_to_the_base_then_the_earlier_model(tmp_path, qwen_trio):
     assert first_best([0.5, 0.7, 0.7]) == 1 and first_best([0.2, 0.2]) == 0
-    copy_of_base = shutil.copytree(qwen_trio["base"], tmp_path / "copy_of_base")
-    copy_of_one = shutil.copytree(qwen_trio["one"], tmp_path / "copy_of_one")
+    copy_of_base = _twin(qwen_trio["base"], tmp_path / "copy_of_base")
+    copy_of_one = _twin(qwen_trio["one"], tmp_path / "copy_of_one")
     recipe = write_recipe(
         tmp_path / "r.yml",
         qwen_trio["base"],

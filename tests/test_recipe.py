@@ -11,7 +11,7 @@ from ner_merge.folders import check_base_tokenizer
 from ner_merge.planner import plan
 from ner_merge.recipe import Recipe
 from tests import pico
-from tests.conftest import write_recipe
+from tests.conftest import run_merge, write_recipe
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
@@ -242,3 +242,12 @@ def test_a_base_without_tokenizer_files_is_refused_when_copied(tmp_path, qwen_tr
     assert "--no-copy-tokenizer" in message
     check_base_tokenizer(recipe, base, MergeOptions(copy_tokenizer=False))
     check_base_tokenizer(recipe, qwen_trio["base"], MergeOptions(copy_tokenizer=True))
+
+
+def test_mergekit_yaml_refuses_a_misspelt_top_level_key(tmp_path, qwen_trio):
+    recipe = write_recipe(tmp_path / "r.yml", qwen_trio["base"], [qwen_trio["one"]])
+    text = recipe.read_text() + "paramters:\n  granularity: layer\n"
+    recipe.write_text(text)
+    with pytest.raises(RecipeError, match="paramters"):
+        run_merge(recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

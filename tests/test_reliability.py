@@ -187,9 +187,10 @@ def test_bad_hand_edits_are_named(tmp_path, qwen_trio, planned, edit, says):
 
 def test_map_for_other_models_is_refused(tmp_path, qwen_trio, planned):
     _, path, models = planned
-    elsewhere = str(tmp_path / "elsewhere")
-    text = path.read_text().replace(str(models[1]), elsewhere)
-    with pytest.raises(SourceMapError, match="made for models"):
+    document = json.loads(path.read_text())
+    document["models"][1]["fingerprint"] = "0" * 64  # another model's content
+    text = json.dumps(document).replace(str(models[1]), str(tmp_path / "elsewhere"))
+    with pytest.raises(SourceMapError, match="since the map was made"):
         _merge_with_map(tmp_path, qwen_trio, models, json.loads(text))
 
 
