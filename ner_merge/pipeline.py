@@ -115,14 +115,19 @@ def streaming_options(
     options: MergeOptions, models: list[ResolvedModel]
 ) -> MergeOptions:
     """mergekit's options for the merge itself: our model card replaces its own,
-    and, unless the user chose a shard size, shards hold about one largest tensor.
+    unless the user chose a shard size, shards hold about one largest tensor, and
+    `pytorch_model.bin` inputs are read lazily.
 
     mergekit's writer keeps a whole output shard in memory, 5 GB by default: all
     of a 0.5B model, a third of a 7B one. With shards the size of the largest
     tensor (at least SMALLEST_DEFAULT_SHARD), a merge holds O(largest tensor)
     whatever the model's size, at the price of more, smaller shard files.
+    Without `lazy_unpickle`, mergekit loads a `.bin` whole, and, as the method
+    closes its inputs after each tensor, again for every tensor.
     """
     updates: dict = {"write_model_card": False}
+    if not all(model.index.is_safetensors for model in models):
+        updates["lazy_unpickle"] = True
     if options.out_shard_size == MergeOptions.model_fields["out_shard_size"].default:
         largest = max(
             header.end - header.start

@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 from mergekit.common import ModelReference
+from mergekit.options import MergeOptions
 
 from ner_merge import content, models, planner
 from ner_merge.errors import ModelError
 from ner_merge.models import ResolvedModel, resolve_model
+from ner_merge.pipeline import streaming_options
 from ner_merge.planner import plan
 from ner_merge.recipe import Recipe
 from tests.conftest import (
@@ -280,3 +282,13 @@ def test_the_hub_fetches_bin_files_only_without_safetensors(
         assert model.content.fingerprint == _fingerprint(qwen_trio["one"])
     else:
         assert calls == [(None, models.HUB_FILE_PATTERNS)] and bins == []
+
+
+def test_a_merge_with_a_bin_model_reads_it_lazily(qwen_trio, bin_trio):
+    """mergekit's default reads a .bin whole, again for every tensor."""
+    safetensors = [ResolvedModel(n, str(p), None) for n, p in qwen_trio.items()]
+    assert not streaming_options(MergeOptions(), safetensors).lazy_unpickle
+    mixed = safetensors[:2] + [
+        ResolvedModel("two", str(bin_trio["single"]["two"]), None)
+    ]
+    assert streaming_options(MergeOptions(), mixed).lazy_unpickle
