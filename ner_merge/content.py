@@ -168,11 +168,15 @@ class ModelContent:
         self._digests[name] = digest(header, data)
         return as_tensor(header, data)
 
-    def finite(self, name: str) -> bool:
-        """Whether the tensor holds only finite values (read if not yet known)."""
+    def digest(self, name: str) -> TensorDigest:
+        """The tensor's digest, read (and kept) if not yet known."""
         if name not in self._digests:
             self.read(name)
-        return self._digests[name].finite
+        return self._digests[name]
+
+    def finite(self, name: str) -> bool:
+        """Whether the tensor holds only finite values (read if not yet known)."""
+        return self.digest(name).finite
 
     def complete(self) -> None:
         """Read every tensor whose digest is unknown, then index the new ones."""

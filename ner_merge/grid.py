@@ -14,6 +14,7 @@ the same grid.
 
 from dataclasses import dataclass
 
+from ner_merge.names import tensor_type
 from ner_merge.source_map import SourceMap, TensorChoice
 
 Row = int | None  # a decoder layer index; None for the tensors outside the layers
@@ -22,16 +23,6 @@ Row = int | None  # a decoder layer index; None for the tensors outside the laye
 def model_labels(source_map: SourceMap) -> dict[str, str]:
     """Short labels for tables and legends: M0 is the base, M1... the fine-tunes."""
     return {model.name: f"M{index}" for index, model in enumerate(source_map.models)}
-
-
-def tensor_type(name: str, layer: int | None) -> str:
-    """The tensor's name without its layer prefix (the whole name outside layers)."""
-    if layer is None:
-        return name
-    marker = f".{layer}."
-    if marker not in name:
-        return name
-    return name.split(marker, 1)[1]
 
 
 def margin(choice: TensorChoice) -> float | None:

@@ -21,8 +21,8 @@ from mergekit.merge_methods import TensorEntry, TensorGroup, merge_method, regis
 from ner_merge.errors import ModelError, SourceMapError
 from ner_merge.ner import NonFiniteMatrixError, normalized_effective_rank
 from ner_merge.nerd import stabilize
-from ner_merge.planner import first_best
 from ner_merge.recipe import METHOD_NAME
+from ner_merge.selection import first_best
 from ner_merge.source_map import ModelEntry, load_cached
 
 
@@ -64,7 +64,7 @@ def _highest_ner_copy(group: TensorGroup) -> torch.Tensor:
     norm, an integer buffer) comes from the base, or from the first input when
     none is marked base, because without the other tensors of its module and
     layer there is nothing to follow (a planned merge applies the full rules,
-    see `ner_merge.planner.RULES`). Ties go to the base, then to the earlier
+    see `ner_merge.selection.RULES`). Ties go to the base, then to the earlier
     input. A copy holding NaN or Inf is an error naming it.
     """
     candidates = [entry for entry in group.entries if entry.is_base] + [

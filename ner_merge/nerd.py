@@ -28,6 +28,9 @@ import torch
 
 from ner_merge.ner import NonFiniteMatrixError, ner_from_singular_values
 
+# Bump when nerd_score's result may change: it keys `compat: nerd` cache entries.
+NERD_VERSION = 1
+
 # NERD's floor on max - min, so a constant tensor scales to zeros, not to NaN.
 MIN_MAX_FLOOR = 1e-10
 
@@ -59,6 +62,12 @@ def nerd_score(weight: torch.Tensor) -> float:
     else:
         values = torch.linalg.svdvals(x.T if x.shape[0] < x.shape[1] else x)
     return ner_from_singular_values(values)
+
+
+def stabilizes(name: str) -> bool:
+    """Whether NERD's second stage touches this tensor: a module's `.weight` only,
+    never a bias."""
+    return name.endswith(SCORED_SUFFIX)
 
 
 def stabilize(base: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, int]:

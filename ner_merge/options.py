@@ -98,21 +98,33 @@ class NerOptions(_Options):
         description="`nerd`: score and choose as the reference tool NERD does "
         "(min-max scaled bfloat16 copies, every `.weight` scored, norms included).",
     )
-    stabilize: bool = Field(
-        default=False,
-        description="NERD's second stage: in each tensor not taken from the base, "
-        "put back the base's value wherever |base| >= |chosen| and "
+    stabilize: bool | None = Field(
+        default=None,
+        description="NERD's second stage: in each `.weight` not taken from the "
+        "base, put back the base's value wherever |base| >= |chosen| and "
         "|base| < median(|chosen|). Such tensors are no longer bit-identical to "
-        "their source; the source map records the share of base values.",
+        "their source; the source map records the share of base values. Unset: "
+        "on with `compat: nerd` (NERD runs it by default), off otherwise.",
     )
 
     nonfinite: Literal["error", "lose"] = Field(
         default="error",
-        description="A scored matrix holding NaN or Inf: `error` stops the plan "
-        "naming model and tensor; `lose` lets that copy lose to any finite one.",
+        description="A copy of any floating-point tensor holding NaN or Inf: "
+        "`error` stops the plan naming model and tensor; `lose` lets that copy "
+        "lose, with everything that chooses with it.",
     )
 
     _check_keep_base = field_validator("keep_base")(_check_patterns)
+
+    @property
+    def stabilizes(self) -> bool:
+        """Whether stabilize runs: as set, else with `compat: nerd` (NERD's default)."""
+        return self.compat == "nerd" if self.stabilize is None else self.stabilize
+
+    def planned(self) -> dict[str, object]:
+        """What a source map records: the options that decide it, stabilize
+        resolved."""
+        return self.model_dump(exclude={"source_map"}) | {"stabilize": self.stabilizes}
 
     @classmethod
     def from_parameters(

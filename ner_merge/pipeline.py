@@ -13,25 +13,33 @@ from collections.abc import Callable
 from pathlib import Path
 
 import click
+from mergekit.common import dtype_from_name
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
 from ner_merge.card import write_model_card
 from ner_merge.errors import NerMergeError, SourceMapError
 from ner_merge.folders import check_base_tokenizer
-from ner_merge.models import ResolvedModel
-from ner_merge.output import OutputFolder
-from ner_merge.planner import (
+from ner_merge.inventory import (
     OutputTensor,
-    check_device,
-    first_best,
     localized_config,
     output_tensors,
-    plan,
     resolve_models,
 )
+from ner_merge.models import ResolvedModel
+from ner_merge.output import OutputFolder
+from ner_merge.planner import plan
 from ner_merge.recipe import METHOD_NAME, Recipe
 from ner_merge.report import write_report
+from ner_merge.scoring import (
+    NERD_SCORING,
+    SPEC_SCORING,
+    CopyReader,
+    check_device,
+    nonfinite_copies,
+    stabilized,
+)
+from ner_merge.selection import Selection, SelectionError, group_tensors, reconcile
 from ner_merge.source_map import SourceMap
 from ner_merge.vocabulary import vocabulary_alignment
 
@@ -148,7 +156,9 @@ def checked_source_map(
     recipe: Recipe, models: list[ResolvedModel], merge_options: MergeOptions
 ) -> SourceMap:
     """Load a user-given map and prove it was made for exactly these models (by
-    content) and the recipe's options; its hand edits are resolved.
+    content) and the recipe's options; its hand edits are reconciled with the
+    rules (`selection.reconcile`), and the stabilize shares of tensors whose
+    source changed are computed anew.
 
     The map names the models; which they are and where their files are comes
     from the recipe: the map returned carries the recipe's names and paths, so
@@ -171,7 +181,24 @@ def checked_source_map(
             f"missing {sorted(missing)[:5]}{' ...' if len(missing) > 5 else ''}, "
             f"unknown {sorted(unknown)[:5]}{' ...' if len(unknown) > 5 else ''}"
         )
-    source_map = resolve_hand_edits(source_map)
+    names = [model.name for model in models]
+    scoring = (
+        NERD_SCORING if source_map.options.get("compat") == "nerd" else SPEC_SCORING
+    )
+    grouping = group_tensors(
+        [scoring.spec(tensor) for tensor in tensors],
+        Selection.of_map(source_map),
+        len(names),
+    )
+    try:
+        source_map = reconcile(source_map, grouping, nonfinite_copies(tensors, models))
+    except SelectionError as error:
+        raise SourceMapError(f"{where}: {error}") from None
+    if source_map.options.get("stabilize"):
+        dtype = dtype_from_name(config.dtype) if config.dtype else None
+        reader = CopyReader(models, vocabulary)
+        choices = stabilized(tensors, source_map.tensors, reader, names, dtype)
+        source_map = source_map.model_copy(update={"tensors": choices})
     _check_sources_finite(source_map, tensors, models, where)
     return source_map
 
@@ -291,26 +318,3 @@ def _check_sources_finite(
             + ", ".join(problems[:MAX_NAMED])
             + (" ..." if len(problems) > MAX_NAMED else "")
         )
-
-
-def resolve_hand_edits(source_map: SourceMap) -> SourceMap:
-    """Honour a hand-edited map, and make its edits visible.
-
-    A matrix whose source is not its best score was chosen by hand: its rule
-    becomes "override", so the report shows it. A tensor that follows a matrix
-    (a bias) takes that matrix's final source, so an overridden projection stays
-    whole; to override such a tensor alone, set its rule to "override".
-    """
-    names = [model.name for model in source_map.models]
-    tensors = dict(source_map.tensors)
-    for name, choice in tensors.items():
-        if choice.rule == "highest-ner":  # the best among models not excluded
-            eligible = [model not in choice.excluded for model in names]
-            best = first_best([choice.scores.get(model) for model in names], eligible)
-            if best is not None and choice.source != names[best]:
-                tensors[name] = choice.model_copy(update={"rule": "override"})
-    for name, choice in tensors.items():
-        if choice.rule == "follows" and choice.follows in tensors:
-            source = tensors[choice.follows].source
-            tensors[name] = choice.model_copy(update={"source": source})
-    return source_map.model_copy(update={"tensors": tensors})

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ner_merge.grid import Row, margin, model_labels, short_labels, source_grid
-from ner_merge.source_map import SourceMap, TensorChoice
+from ner_merge.names import parent
+from ner_merge.selection import RULES, unit_decisions
+from ner_merge.source_map import Follows, SourceMap, TensorChoice
 
 # The report writers need the planner's rules, the recipe and the model card,
 # which import torch and mergekit; they are imported where used, so that
@@ -30,10 +32,18 @@ REPORT_FILE = "ner_report.md"
 FIGURE_FILE = "ner_report.png"
 
 
+def _follows_text(follows: Follows) -> str:
+    if follows.kind == "layer":
+        return "follows the majority of its layer"
+    if follows.kind == "non-layer":
+        return "follows the majority outside the layers"
+    return f"follows {follows.name}"
+
+
 def _rule_text(choice: TensorChoice) -> str:
     text = choice.rule
-    if choice.rule == "follows":
-        text = f"follows {choice.follows}"
+    if choice.rule == "follows" and choice.follows is not None:
+        text = _follows_text(choice.follows)
     elif choice.rule == "highest-mean-ner":
         text = f"highest mean NER of {choice.unit}"
     if choice.stabilized is not None:
@@ -52,6 +62,7 @@ def layer_sources(source_map: SourceMap) -> list[str]:
     `granularity: layer` guarantees; a unit's mean scores follow.
     """
     labels = model_labels(source_map)
+    decisions = unit_decisions(source_map)
     lines = [
         "## Sources by layer",
         "",
@@ -63,15 +74,15 @@ def layer_sources(source_map: SourceMap) -> list[str]:
     for choice in source_map.tensors.values():
         if choice.layer is not None:
             by_layer.setdefault(choice.layer, Counter())[labels[choice.source]] += 1
-            if choice.unit is not None:
+            if choice.unit in decisions:
                 units.setdefault(choice.layer, set()).add(choice.unit)
     for layer, counts in sorted(by_layer.items()):
         sources = ", ".join(f"{label} ({n})" for label, n in sorted(counts.items()))
         chosen = "; ".join(
-            f"`{unit}` -> {labels[source_map.units[unit].source]} (mean "
+            f"`{unit}` -> {labels[decisions[unit].source]} (mean "
             + ", ".join(
                 f"{labels[model]} {_mean_text(score)}"
-                for model, score in source_map.units[unit].scores.items()
+                for model, score in decisions[unit].scores.items()
             )
             + ")"
             for unit in sorted(units.get(layer, ()))
@@ -86,7 +97,7 @@ def stabilized_modules(source_map: SourceMap) -> list[str]:
     for name, choice in source_map.tensors.items():
         if choice.stabilized is not None:
             size = prod(choice.shape)
-            module = shares.setdefault(name.rsplit(".", 1)[0], [0.0, 0.0])
+            module = shares.setdefault(parent(name), [0.0, 0.0])
             module[0] += choice.stabilized * size
             module[1] += size
     if not shares:
@@ -126,7 +137,6 @@ def render_report(
     source_map: SourceMap, recipe: "Recipe", created: str, figure: str | None = None
 ) -> str:
     """The report; `figure`, the PNG's file name beside it, is embedded if given."""
-    from ner_merge.planner import RULES
 
     labels = model_labels(source_map)
     all_totals = totals(source_map)
@@ -235,7 +245,7 @@ def plan_table(source_map: SourceMap) -> str:
             for (where, _), choice in grid.cells.items()
             if where == row
             and not choice.scores
-            and choice.follows not in source_map.tensors
+            and (choice.follows is None or choice.follows.kind != "tensor")
         }
         return ",".join(sorted(sources))
 

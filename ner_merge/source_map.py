@@ -3,6 +3,11 @@
 The planner writes it, the merge method reads it, and a user may edit it by hand
 (to override one tensor's source, say). It is JSON with sorted keys and no
 timestamps, so the same inputs give the same bytes and diffs stay readable.
+
+It stores decisions only: what a block or layer chose as one (its source and mean
+scores) is derived from its tensors (`ner_merge.selection.unit_decisions`), so it
+cannot go stale when a tensor is edited. Version 1 maps, which stored those
+units and said what a tensor follows in one bare string, are read and upgraded.
 """
 
 import json
@@ -16,11 +21,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ner_merge.errors import SourceMapError
 from ner_merge.options import format_validation_error
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 Role = Literal["base", "fine-tuned"]
 # highest-ner: a scored tensor, won outright; highest-mean-ner: a scored tensor
-# whose unit (block or layer, see units.py) won by mean NER; follows: a tensor
+# whose unit (block or layer, see names.py) won by mean NER; follows: a tensor
 # that goes with a matrix, unit or layer (biases, norms); base: not scored, copied
 # from the base (non-float buffers); keep-base: matched by the keep_base option;
 # override: set by hand in an edited map.
@@ -48,6 +53,20 @@ class ModelEntry(_Frozen):
     )
 
 
+class Follows(_Frozen):
+    """What a tensor with rule `follows` goes with."""
+
+    kind: Literal["tensor", "unit", "layer", "non-layer"] = Field(
+        description="`tensor`: the scored tensor of its parent module (a bias "
+        "follows its weight); `unit`: its block or layer; `layer`: the model "
+        "supplying most of its decoder layer's scored values; `non-layer`: the "
+        "same over the scored tensors outside the layers."
+    )
+    name: str | None = Field(
+        default=None, description="The tensor or unit followed (kinds tensor, unit)."
+    )
+
+
 class TensorChoice(_Frozen):
     """The chosen source of one output tensor."""
 
@@ -59,14 +78,13 @@ class TensorChoice(_Frozen):
         default_factory=dict,
         description="NER of each model's tensor, if scored; null: NaN or Inf.",
     )
-    follows: str | None = Field(
-        default=None,
-        description="For rule 'follows': the matrix or group it goes with.",
+    follows: Follows | None = Field(
+        default=None, description="For rule 'follows': what it goes with."
     )
     unit: str | None = Field(
         default=None,
-        description="For rule 'highest-mean-ner': the block or layer that chose "
-        "as one (its mean scores are under `units`).",
+        description="The block or layer it chose its source with "
+        "(granularity module or layer).",
     )
     excluded: tuple[str, ...] = Field(
         default=(),
@@ -84,7 +102,7 @@ class TensorChoice(_Frozen):
 class UnitChoice(_Frozen):
     """A block or layer that chose its source as one (granularity module/layer)."""
 
-    source: str
+    source: str = Field(description="The model supplying most of its values.")
     scores: dict[str, float | None] = Field(
         description="Each model's mean score over the unit's scored tensors; "
         "null if one of them is NaN or Inf."
@@ -94,11 +112,10 @@ class UnitChoice(_Frozen):
 class SourceMap(_Frozen):
     """Every output tensor's source, plus what the choice was made from."""
 
-    format_version: Literal[1] = FORMAT_VERSION
+    format_version: Literal[2] = FORMAT_VERSION
     models: tuple[ModelEntry, ...]
     options: dict[str, object] = Field(description="The NER options used to plan.")
     tensors: dict[str, TensorChoice]
-    units: dict[str, UnitChoice] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _sources_are_known_models(self) -> "SourceMap":
@@ -107,16 +124,11 @@ class SourceMap(_Frozen):
             raise ValueError(f"models are listed twice: {names}")
         if [m.role for m in self.models].count("base") != 1:
             raise ValueError("exactly one model must have role 'base'")
-        for name, choice in [*self.tensors.items(), *self.units.items()]:
-            unknown = {choice.source, *choice.scores} - set(names)
+        for name, choice in self.tensors.items():
+            unknown = {choice.source, *choice.scores, *choice.excluded} - set(names)
             if unknown:
                 raise ValueError(
                     f"{name} names unknown model(s) {sorted(unknown)}; known: {names}"
-                )
-        for name, choice in self.tensors.items():
-            if choice.unit is not None and choice.unit not in self.units:
-                raise ValueError(
-                    f"tensor {name} chose with unit {choice.unit}, which `units` lacks"
                 )
         return self
 
@@ -129,8 +141,8 @@ class SourceMap(_Frozen):
 
     def renamed(self, names: dict[str, str]) -> "SourceMap":
         """The same map with models renamed (old name: new name) wherever one is
-        named: its entry, and each tensor's and unit's source, scores and
-        exclusions. Names left out stay; two models must not end up as one."""
+        named: its entry, and each tensor's source, scores and exclusions. Names
+        left out stay; two models must not end up as one."""
 
         def rename(name: str) -> str:
             return names.get(name, name)
@@ -148,19 +160,11 @@ class SourceMap(_Frozen):
             )
             for name, choice in self.tensors.items()
         }
-        units = {
-            name: unit.model_copy(
-                update={"source": rename(unit.source), "scores": scores(unit.scores)}
-            )
-            for name, unit in self.units.items()
-        }
         models = tuple(
             model.model_copy(update={"name": rename(model.name)})
             for model in self.models
         )
-        return self.model_copy(
-            update={"models": models, "tensors": tensors, "units": units}
-        )
+        return self.model_copy(update={"models": models, "tensors": tensors})
 
     def share_by_model(self) -> dict[str, int]:
         """How many output tensors each model supplies (all models listed)."""
@@ -201,12 +205,41 @@ class SourceMap(_Frozen):
             raise SourceMapError(f"{where}: {error}") from None
         if not isinstance(document, dict):
             raise SourceMapError(f"{where}: expected a JSON object")
+        if document.get("format_version") == 1:
+            text = json.dumps(_upgraded(document))
         try:
             return cls.model_validate_json(text, strict=True)
         except ValidationError as error:
             raise SourceMapError(
                 format_validation_error(error, where, "source map")
             ) from None
+
+
+def _upgraded(document: dict) -> dict:
+    """A version 1 map as version 2: units dropped (they are derived now), each
+    `follows` string told apart by what it names."""
+    tensors = document.get("tensors")
+    if not isinstance(tensors, dict):
+        return document  # validation will say what is wrong
+    upgraded = {}
+    for name, choice in tensors.items():
+        if isinstance(choice, dict) and isinstance(choice.get("follows"), str):
+            choice = dict(choice, follows=_v1_follows(choice["follows"], tensors))
+        upgraded[name] = choice
+    rest = {key: value for key, value in document.items() if key != "units"}
+    return rest | {"format_version": FORMAT_VERSION, "tensors": upgraded}
+
+
+def _v1_follows(follows: str, tensors: dict) -> dict:
+    """A version 1 `follows` string as a `Follows`: a tensor's name, "layer N",
+    "non-layer matrices", or else a unit's name."""
+    if follows in tensors:
+        return {"kind": "tensor", "name": follows}
+    if follows == "non-layer matrices":
+        return {"kind": "non-layer"}
+    if follows.startswith("layer ") and follows[6:].isdigit():
+        return {"kind": "layer"}
+    return {"kind": "unit", "name": follows}
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:

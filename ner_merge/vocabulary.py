@@ -10,7 +10,7 @@ method's inputs would disagree. So it runs mergekit's own tasks
 is mergekit's, never re-implemented here.
 
 Without a tokenizer option, differing vocabulary sizes are an error that names
-the option (see `planner.output_tensors`).
+the option (see `inventory.output_tensors`).
 """
 
 from functools import cached_property

@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 
-from tests.conftest import (
+from tests.helpers import (
     assert_bit_identical_to_sources,
     load_tensors,
     reference_ner,

@@ -22,7 +22,7 @@ from ner_merge.models import ResolvedModel, resolve_model
 from ner_merge.pipeline import streaming_options
 from ner_merge.planner import plan
 from ner_merge.recipe import Recipe
-from tests.conftest import (
+from tests.helpers import (
     assert_bit_identical_to_sources,
     load_tensors,
     run_merge,

@@ -11,14 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ner_merge import content, planner
+from ner_merge import content, planner, scoring
 from ner_merge.cache import CACHE_DIR_VARIABLE, ScoreCache, default_cache_dir
 from ner_merge.errors import SourceMapError
 from ner_merge.models import ResolvedModel
 from ner_merge.planner import plan
 from ner_merge.recipe import Recipe
 from tests import pico
-from tests.conftest import reference_ner, run_merge, write_recipe
+from tests.helpers import reference_ner, run_merge, write_recipe
 
 
 def _count_reads(monkeypatch) -> list[str]:
@@ -169,8 +169,8 @@ def test_a_fine_tune_that_changed_one_matrix_is_told_apart(tmp_path, wide_base):
 def test_identical_copies_are_scored_once(tmp_path, wide_base, monkeypatch):
     tuned = _with_one_matrix_replaced(wide_base, tmp_path / "tuned")
     calls = []
-    counting = planner.Scoring(
-        "ner", planner.SPEC_SCORING.selects, lambda m: calls.append(1) or 0.5
+    counting = scoring.Scoring(
+        "counting", 1, scoring.SPEC_SCORING.selects, lambda m: calls.append(1) or 0.5
     )
     monkeypatch.setattr(planner, "SPEC_SCORING", counting)
     source_map = plan(

@@ -13,9 +13,9 @@ from click.testing import CliRunner
 
 from ner_merge import __version__
 from ner_merge.cli import MERGE_SOURCE_MAP_FILE, main
-from ner_merge.source_map import ModelEntry, SourceMap, TensorChoice
+from ner_merge.source_map import Follows, ModelEntry, SourceMap, TensorChoice
 from tests import pico
-from tests.conftest import write_recipe
+from tests.helpers import write_recipe
 
 
 def _hand_made_map(path: Path) -> Path:
@@ -33,7 +33,11 @@ def _hand_made_map(path: Path) -> Path:
             scores={"base": 0.5, "tuned": 0.75},
         ),
         "model.norm.weight": TensorChoice(
-            source="base", rule="follows", layer=None, shape=(2,), follows="x"
+            source="base",
+            rule="follows",
+            layer=None,
+            shape=(2,),
+            follows=Follows(kind="tensor", name="x"),
         ),
     }
     SourceMap(models=models, options={}, tensors=tensors).save(path)

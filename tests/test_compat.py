@@ -4,7 +4,7 @@ The reference tool's rules are restated here, in numpy, from its description
 (/work/shared/notes/ner-method.md), without the package's code.
 """
 
-import shutil
+import json
 
 import numpy as np
 import pytest
@@ -13,10 +13,13 @@ import torch
 from ner_merge.nerd import nerd_score
 from ner_merge.planner import plan
 from ner_merge.recipe import Recipe
-from tests.conftest import (
+from tests import pico
+from tests.helpers import (
     assert_bit_identical_to_sources,
     load_tensors,
+    reference_stabilize,
     run_merge,
+    twin,
     write_recipe,
 )
 
@@ -75,7 +78,7 @@ def test_score_matches_the_restated_rules():
 @pytest.mark.parametrize("family", ["qwen2", "gemma2", "phi3"])
 def test_choices_equal_the_reference_tool_rules(tmp_path, trios, family):
     trio = trios(family)
-    copy_of_one = shutil.copytree(trio["one"], tmp_path / "copy_of_one")
+    copy_of_one = twin(trio["one"], tmp_path / "copy_of_one")
     folders = [trio["base"], trio["one"], trio["two"], copy_of_one]
     recipe = write_recipe(tmp_path / "r.yml", folders[0], folders[1:], compat="nerd")
     source_map = plan(Recipe.from_file(recipe), quiet=True)
@@ -102,9 +105,71 @@ def test_stabilize_puts_back_small_base_values_and_says_so(tmp_path, trios):
     run_merge(recipe, out)
     source_map = assert_bit_identical_to_sources(out)  # stabilized: by the rule
     base = source_map["models"][0]["name"]
-    for choice in source_map["tensors"].values():
-        assert (choice["stabilized"] is None) == (choice["source"] == base)
+    for name, choice in source_map["tensors"].items():  # `.weight`s only, as NERD
+        untouched = choice["source"] == base or not name.endswith(".weight")
+        assert (choice["stabilized"] is None) == untouched, name
     shares = [c["stabilized"] for c in source_map["tensors"].values()]
     assert any(share and 0 < share < 1 for share in shares)
     report = (out / "ner_report.md").read_text()
     assert "Stabilize: share of base values per module" in report
+
+
+@pytest.fixture(scope="module")
+def biased_trio(tmp_path_factory) -> list:
+    """A Qwen2 trio whose base has real (non-zero) q/k/v biases, so that a
+    stabilize stage that touched biases would change them."""
+    base = pico.base_model("qwen2", seed=3)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, parameter in base.named_parameters():
+            if name.endswith(".bias"):
+                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+    one, two = pico.fine_tune(base, seed=4), pico.fine_tune(base, seed=5)
+    root = tmp_path_factory.mktemp("biased")
+    return [
+        pico.save_model(model, root / name)
+        for name, model in (("base", base), ("one", one), ("two", two))
+    ]
+
+
+def test_compat_nerd_output_is_the_reference_tools_default_output(
+    tmp_path, biased_trio
+):
+    """NERD's default pipeline is stage 1 (choices) then stage 2 (stabilize, on
+    `.weight` tensors only): `compat: nerd` alone must give those bytes."""
+    recipe = write_recipe(
+        tmp_path / "r.yml", biased_trio[0], biased_trio[1:], compat="nerd"
+    )
+    out = tmp_path / "out"
+    run_merge(recipe, out)
+    merged = load_tensors(out)
+    loaded = [load_tensors(folder) for folder in biased_trio]
+    choices = reference_tool_choices(biased_trio)
+    biases_it_would_change = 0
+    for name, winner in choices.items():
+        chosen, base = loaded[winner][name], loaded[0][name]
+        expected = chosen
+        if winner != 0 and name.endswith(".weight"):
+            expected = reference_stabilize(base, chosen)
+        elif winner != 0 and not torch.equal(reference_stabilize(base, chosen), chosen):
+            biases_it_would_change += 1
+        assert torch.equal(
+            merged[name].view(torch.int16), expected.view(torch.int16)
+        ), name
+    assert biases_it_would_change > 0  # the trio does tell the two stages apart
+    source_map = json.loads((out / "ner_source_map.json").read_text())
+    assert source_map["options"]["stabilize"] is True
+
+
+def test_compat_nerd_without_stabilize_is_stage_one(tmp_path, biased_trio):
+    recipe = write_recipe(
+        tmp_path / "r.yml",
+        biased_trio[0],
+        biased_trio[1:],
+        compat="nerd",
+        stabilize=False,
+    )
+    out = tmp_path / "out"
+    run_merge(recipe, out)
+    source_map = assert_bit_identical_to_sources(out)
+    assert all(c["stabilized"] is None for c in source_map["tensors"].values())

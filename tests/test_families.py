@@ -6,7 +6,7 @@ the model folders change between families, never the recipe.
 
 import pytest
 
-from tests.conftest import (
+from tests.helpers import (
     FAMILY_CASES,
     assert_bit_identical_to_sources,
     brute_force_winners,

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from ner_merge.errors import RecipeError, SourceMapError
 from ner_merge.options import NerOptions
 from ner_merge.recipe import Recipe
-from ner_merge.source_map import ModelEntry, SourceMap, TensorChoice
+from ner_merge.source_map import Follows, ModelEntry, SourceMap, TensorChoice
 
 FUZZ = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -64,7 +64,7 @@ DEFAULTS = {
     "granularity": "tensor",
     "keep_base": None,
     "compat": None,
-    "stabilize": False,
+    "stabilize": None,  # unset: on with compat nerd (NerOptions.stabilizes)
     "nonfinite": "error",
 }
 valid_options = st.fixed_dictionaries({}, optional=VALID_OPTIONS)
@@ -164,7 +164,11 @@ def _valid_map() -> dict:
             scores={"base": 0.5, "tuned": 0.75},
         ),
         "b": TensorChoice(
-            source="tuned", rule="follows", layer=0, shape=(2,), follows="w"
+            source="tuned",
+            rule="follows",
+            layer=0,
+            shape=(2,),
+            follows=Follows(kind="tensor", name="w"),
         ),
     }
     return SourceMap(models=models, options={}, tensors=tensors).model_dump(mode="json")
@@ -260,12 +264,11 @@ def valid_maps(draw) -> dict:
     ]
     model = st.sampled_from(names)
     scores = st.dictionaries(model, st.none() | finite, max_size=len(names))
-    units = draw(
-        st.dictionaries(
-            st.text(max_size=16),
-            st.fixed_dictionaries({"source": model, "scores": scores}),
-            max_size=2,
-        )
+    follows = st.none() | st.fixed_dictionaries(
+        {
+            "kind": st.sampled_from(["tensor", "unit", "layer", "non-layer"]),
+            "name": st.none() | st.text(max_size=16),
+        }
     )
     tensors = st.dictionaries(
         st.text(max_size=16),
@@ -285,8 +288,8 @@ def valid_maps(draw) -> dict:
                 "layer": st.none() | small_ints,
                 "shape": st.lists(small_ints, max_size=3),
                 "scores": scores,
-                "follows": st.none() | st.text(max_size=16),
-                "unit": st.none() | st.sampled_from(sorted(units) or [None]),
+                "follows": follows,
+                "unit": st.none() | st.text(max_size=16),
                 "excluded": st.lists(model, max_size=2),
                 "stabilized": st.none() | st.floats(0, 1),
             }
@@ -294,11 +297,10 @@ def valid_maps(draw) -> dict:
         max_size=4,
     )
     return {
-        "format_version": 1,
+        "format_version": 2,
         "models": models,
         "options": draw(st.dictionaries(st.text(max_size=8), finite_json, max_size=3)),
         "tensors": draw(tensors),
-        "units": units,
     }
 
 

@@ -11,7 +11,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from tests.conftest import assert_bit_identical_to_sources
+from tests.helpers import assert_bit_identical_to_sources
 from tests.test_merge import MERGEKIT_YAML
 
 ORG = "pico-org"

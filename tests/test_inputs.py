@@ -19,10 +19,15 @@ from ner_merge.cache import CACHE_DIR_VARIABLE
 from ner_merge.card import write_model_card
 from ner_merge.content import ModelContent
 from ner_merge.errors import ModelError, NerMergeError, RecipeError, SourceMapError
+from ner_merge.inventory import same_content
 from ner_merge.models import ResolvedModel
-from ner_merge.planner import check_device, plan, same_content
+from ner_merge.pipeline import SOURCE_MAP_FILE
+from ner_merge.planner import plan
 from ner_merge.recipe import Recipe
-from tests.conftest import (
+from ner_merge.scoring import check_device
+from ner_merge.selection import unit_decisions
+from ner_merge.source_map import SourceMap
+from tests.helpers import (
     assert_bit_identical_to_sources,
     reference_ner,
     run_merge,
@@ -351,9 +356,11 @@ def test_a_map_made_under_other_names_is_paired_by_content(
         merged = source_map["tensors"][name]
         assert merged["source"] == renamed[choice["source"]], name
         assert merged["scores"] == {renamed[m]: s for m, s in choice["scores"].items()}
-    assert planned["units"] and {
-        unit: renamed[choice["source"]] for unit, choice in planned["units"].items()
-    } == {unit: choice["source"] for unit, choice in source_map["units"].items()}
+    units = unit_decisions(SourceMap.load(planned_elsewhere))
+    merged_units = unit_decisions(SourceMap.load(tmp_path / "out" / SOURCE_MAP_FILE))
+    assert units and {u: renamed[c.source] for u, c in units.items()} == {
+        u: c.source for u, c in merged_units.items()
+    }
     assert (
         str(planned_elsewhere.parent)
         not in (tmp_path / "out" / "ner_report.md").read_text()

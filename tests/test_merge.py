@@ -1,7 +1,6 @@
 """End to end: plans agree with brute force, merges are bit-identical to plans."""
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,11 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from ner_merge.planner import first_best, plan
+from ner_merge.planner import plan
 from ner_merge.recipe import Recipe
-from tests.conftest import (
+from ner_merge.selection import first_best
+from ner_merge.source_map import Follows
+from tests.helpers import (
     FLAT_TENSOR,
     RANK1_TENSOR,
     assert_bit_identical_to_sources,
@@ -21,6 +22,7 @@ from tests.conftest import (
     load_tensors,
     reference_ner,
     run_merge,
+    twin,
     write_recipe,
 )
 
@@ -76,26 +78,16 @@ def test_scores_match_the_reference_and_biases_follow_their_matrix(tmp_path, qwe
             assert list(choice.scores.values()) == pytest.approx(expected, abs=1e-9)
         elif name.endswith(".bias"):
             matrix = name.removesuffix(".bias") + ".weight"
-            assert choice.follows == matrix
+            assert choice.follows == Follows(kind="tensor", name=matrix)
             assert choice.source == source_map.tensors[matrix].source
     norm = source_map.tensors["model.layers.0.input_layernorm.weight"]
-    assert norm.rule == "follows" and norm.follows == "layer 0"
-
-
-def _twin(model: Path, target: Path) -> Path:
-    """A copy whose matrices tie with the original's; its final norm differs, as
-    one model may not be given twice."""
-    shutil.copytree(model, target)
-    tensors = load_file(target / "model.safetensors")
-    tensors["model.norm.weight"] = tensors["model.norm.weight"] * 2
-    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
-    return target
+    assert norm.rule == "follows" and norm.follows == Follows(kind="layer")
 
 
 def test_ties_go_to_the_base_then_the_earlier_model(tmp_path, qwen_trio):
     assert first_best([0.5, 0.7, 0.7]) == 1 and first_best([0.2, 0.2]) == 0
-    copy_of_base = _twin(qwen_trio["base"], tmp_path / "copy_of_base")
-    copy_of_one = _twin(qwen_trio["one"], tmp_path / "copy_of_one")
+    copy_of_base = twin(qwen_trio["base"], tmp_path / "copy_of_base")
+    copy_of_one = twin(qwen_trio["one"], tmp_path / "copy_of_one")
     recipe = write_recipe(
         tmp_path / "r.yml",
         qwen_trio["base"],

@@ -13,7 +13,7 @@ from ner_merge.ner import (
     ner_from_singular_values,
     normalized_effective_rank,
 )
-from tests.conftest import reference_ner
+from tests.helpers import reference_ner
 
 
 def with_spectrum(values: torch.Tensor, rows: int, seed: int) -> torch.Tensor:

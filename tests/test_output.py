@@ -13,7 +13,7 @@ import pytest
 
 from ner_merge.errors import OutputError
 from ner_merge.output import MANIFEST_FILE, OutputFolder
-from tests.conftest import assert_bit_identical_to_sources, run_merge, write_recipe
+from tests.helpers import assert_bit_identical_to_sources, run_merge, write_recipe
 
 MERGEKIT_YAML = str(Path(sys.executable).parent / "mergekit-yaml")
 

@@ -11,7 +11,7 @@ from ner_merge.folders import check_base_tokenizer
 from ner_merge.planner import plan
 from ner_merge.recipe import Recipe
 from tests import pico
-from tests.conftest import run_merge, write_recipe
+from tests.helpers import run_merge, write_recipe
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 

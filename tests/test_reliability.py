@@ -18,11 +18,11 @@ from safetensors.torch import load_file, save_file
 from ner_merge.cache import CACHE_DIR_VARIABLE
 from ner_merge.errors import ModelError, SourceMapError
 from ner_merge.ner import normalized_effective_rank
-from ner_merge.planner import OutputTensor, choose_sources, plan
+from ner_merge.planner import plan
 from ner_merge.recipe import Recipe
 from ner_merge.source_map import SourceMap
 from tests import pico
-from tests.conftest import (
+from tests.helpers import (
     RANK1_TENSOR,
     assert_bit_identical_to_sources,
     run_merge,
@@ -123,16 +123,6 @@ def test_zero_and_constant_matrices_score_zero_and_lose(tmp_path, qwen_trio):
     for name in (MATRIX, RANK1_TENSOR):
         assert source_map.tensors[name].scores[str(flat)] == 0.0
         assert source_map.tensors[name].source == str(qwen_trio["base"])
-
-
-def test_integer_tensors_come_from_the_base():
-    tensors = [
-        OutputTensor("w", 0, (4, 4), True, ("w", "w")),
-        OutputTensor("steps", 0, (1,), False, ("steps", "steps")),
-    ]
-    choices = choose_sources(tensors, {"w": [0.1, 0.9]}, ["base", "tuned"])
-    assert choices["w"].source == "tuned"
-    assert choices["steps"].source == "base" and choices["steps"].rule == "base"
 
 
 # --- source maps edited by hand --------------------------------------------------

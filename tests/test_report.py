@@ -19,10 +19,11 @@ from ner_merge import report
 from ner_merge.card import CARD_FILE
 from ner_merge.cli import main
 from ner_merge.figure import EMPTY_COLOUR, draw_figure, model_colour, write_figure
-from ner_merge.grid import margin, short_labels, source_grid, tensor_type
+from ner_merge.grid import margin, short_labels, source_grid
+from ner_merge.names import tensor_type
 from ner_merge.recipe import Recipe
 from ner_merge.source_map import SourceMap, TensorChoice
-from tests.conftest import run_merge, write_recipe
+from tests.helpers import run_merge, write_recipe
 
 
 @pytest.fixture(scope="module")

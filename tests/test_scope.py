@@ -2,7 +2,7 @@
 
 import yaml
 
-from tests.conftest import (
+from tests.helpers import (
     FLAT_TENSOR,
     assert_bit_identical_to_sources,
     run_merge,

@@ -13,7 +13,7 @@ from ner_merge.errors import ModelError, SourceMapError
 from ner_merge.planner import plan
 from ner_merge.recipe import Recipe
 from ner_merge.source_map import SourceMap
-from tests.conftest import (
+from tests.helpers import (
     assert_bit_identical_to_sources,
     load_tensors,
     run_merge,
@@ -145,12 +145,8 @@ def _set_score(value):
             lambda t: _edit_text(t, _set_score(0.5)).replace(": 0.5", ": NaN", 1),
             "NaN is not a number JSON allows",
         ),
-        (
-            lambda t: _edit_text(t, lambda d: d["units"].popitem()),
-            "which `units` lacks",
-        ),
     ],
-    ids=["duplicate-key", "string-score", "bool-score", "nan-literal", "lost-unit"],
+    ids=["duplicate-key", "string-score", "bool-score", "nan-literal"],
 )
 def test_loose_maps_are_refused_by_name(tmp_path, planned, make, says):
     path, models = planned

@@ -9,7 +9,7 @@ from ner_merge.errors import ModelError
 from ner_merge.planner import plan
 from ner_merge.recipe import Recipe
 from tests import pico
-from tests.conftest import (
+from tests.helpers import (
     assert_bit_identical_to_sources,
     load_tensors,
     run_merge,

@@ -1,0 +1,436 @@
+"""Selection: which model each output tensor comes from. The rules live here only.
+
+Everything else derives from this module's decisions: the planner feeds it
+scores, a hand-edited map is reconciled by running it again with the edits
+pinned, and the report quotes RULES. It imports neither torch nor mergekit, so
+the rules can be read, and tested on made-up tensor lists, on their own.
+
+Three steps:
+1. `group_tensors`: the output tensors become groups that choose as one (a scored
+   tensor, or a block or layer at granularity module/layer) with the tensors that
+   go with them; the keep_base and exclude decisions are made here, once.
+2. `choose`: each group's winner, from its scores, then the followers of every
+   group and of every layer's majority, from the final sources.
+3. `reconcile`: a hand-edited map's changed sources are pinned and `choose` runs
+   again, so followers move with what they follow and rules say `override`.
+"""
+
+from collections import Counter
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from math import prod
+
+from ner_merge.errors import RecipeError
+from ner_merge.names import Granularity, parent, unit_of
+from ner_merge.options import NerOptions, split_patterns
+from ner_merge.source_map import Follows, SourceMap, TensorChoice, UnitChoice
+
+RULES = """\
+- a 2-D floating-point weight is a *matrix*, and matrices are the *scored*
+  tensors: each goes to the model whose copy has the highest NER; on equal scores
+  the earlier candidate wins (base first, then the fine-tuned models in recipe
+  order);
+- a tensor that shares its parent module with a scored tensor (`X.bias` beside a
+  2-D `X.weight`) follows it, so a projection stays whole;
+- with `granularity: module`, the scored tensors of each block of a decoder layer
+  (a child module of the layer, such as `self_attn` or `mlp`) go together to the
+  model with the highest mean score over them, and the block's other tensors
+  follow; with `granularity: layer` the same holds for the whole layer, norms
+  included. Outside the layers (embeddings, lm_head, final norm) every
+  granularity chooses tensor by tensor;
+- any other floating-point tensor (a norm's scale) follows its decoder layer: it
+  comes from the model that supplies most of that layer's scored parameters
+  (outside the layers: most of the scored tensors outside the layers), ties again
+  by candidate order, because a norm rescales the inputs of the matrices around it;
+- non-floating-point tensors (integer buffers), and optional tensors that some
+  models lack, come from the base;
+- `keep_base`: a tensor whose name matches comes from the base, and so does
+  everything that chooses with it (its parent module, its unit);
+- a model's `exclude`: it never supplies a matching tensor, nor anything that
+  chooses with one; the base is always eligible;
+- a copy holding NaN or Inf (under `nonfinite: lose`) may not supply its tensor,
+  nor anything that chooses with it;
+- `compat: nerd` scores as the reference tool NERD does: every 1-D or 2-D
+  `.weight` (norms, embeddings and lm_head included) by the NER of its min-max
+  scaled bfloat16 copy (a 1-D weight by the entropy of its values);
+- a hand-edited source map: a tensor whose source differs from what these rules
+  decide is an `override`; everything that follows it (its bias, its block's or
+  layer's other tensors, its layer's norms) is decided again from the final
+  sources;
+- `stabilize: true` (on by default with `compat: nerd`, as in NERD): in every
+  `.weight` not taken from the base, the base's value is put back where
+  |base| >= |chosen| and |base| < median(|chosen|); the share of base values is
+  recorded per tensor, and such tensors are not bit-identical to their source.
+"""
+
+
+class SelectionError(ValueError):
+    """No model may supply a tensor (every eligible copy holds NaN or Inf)."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One output tensor, as far as selection is concerned."""
+
+    name: str
+    layer: int | None
+    shape: tuple[int, ...]
+    scored: bool  # the scoring mode scores it
+    floating: bool = True  # integer buffers come from the base
+    base_only: bool = False  # an optional tensor some models lack: from the base
+
+    @property
+    def size(self) -> int:
+        return prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The recipe's selection options: what chooses together, and who may win."""
+
+    granularity: Granularity = "tensor"
+    keep_base: tuple[str, ...] = ()
+    exclusions: tuple[tuple[str, ...], ...] = ()  # per candidate, base first
+
+    @classmethod
+    def from_options(
+        cls, options: NerOptions, exclusions: tuple[tuple[str, ...], ...]
+    ) -> "Selection":
+        """A recipe's options, and each candidate's `exclude` patterns."""
+        return cls(options.granularity, split_patterns(options.keep_base), exclusions)
+
+    @classmethod
+    def of_map(cls, source_map: SourceMap) -> "Selection":
+        """The options a map was planned with."""
+        options = NerOptions.model_validate(
+            {k: v for k, v in source_map.options.items() if v is not None}
+        )
+        exclusions = tuple(model.exclude for model in source_map.models)
+        return cls.from_options(options, exclusions)
+
+    def check_patterns(self, tensors: list[str], models: list[str], where: str):
+        """Every pattern must match some tensor: one that matches none is a typo."""
+        options = [("parameters.keep_base", self.keep_base)] + [
+            (f"parameters.exclude of model {model}", patterns)
+            for model, patterns in zip(models, self.exclusions)
+        ]
+        for option, patterns in options:
+            for pattern in patterns:
+                if not any(fnmatchcase(name, pattern) for name in tensors):
+                    raise RecipeError(
+                        f"{where}: {option}: pattern {pattern!r} matches no tensor "
+                        f"of these models (their names run from {tensors[0]} to "
+                        f"{tensors[-1]})"
+                    )
+
+    def kept(self, name: str) -> bool:
+        return any(fnmatchcase(name, pattern) for pattern in self.keep_base)
+
+    def eligible(self, name: str, count: int) -> tuple[bool, ...]:
+        """Per candidate: may it supply this tensor? The base always may."""
+        patterns = list(self.exclusions) + [()] * (count - len(self.exclusions))
+        return tuple(
+            index == 0 or not any(fnmatchcase(name, p) for p in patterns[index])
+            for index in range(count)
+        )
+
+
+@dataclass(frozen=True)
+class Group:
+    """Tensors that take one source together: a scored tensor or a unit (block
+    or layer), and the tensors that go with it."""
+
+    unit: str | None  # None: a scored tensor choosing alone
+    scored: tuple[TensorSpec, ...]
+    followers: tuple[tuple[TensorSpec, Follows], ...]
+    kept: bool  # keep_base matched a member: from the base, not scored
+    eligible: tuple[bool, ...]  # per candidate, by `exclude`
+
+    @property
+    def members(self) -> tuple[TensorSpec, ...]:
+        return self.scored + tuple(tensor for tensor, _ in self.followers)
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """Every output tensor, sorted into how its source is decided."""
+
+    order: tuple[str, ...]  # output order
+    groups: tuple[Group, ...]
+    by_layer: tuple[tuple[TensorSpec, bool, tuple[bool, ...]], ...]  # + kept, eligible
+    fixed: tuple[TensorSpec, ...]  # from the base: integer buffers, optional tensors
+
+    def to_score(self) -> list[TensorSpec]:
+        """The tensors whose scores the decisions need (kept groups need none)."""
+        return [t for group in self.groups if not group.kept for t in group.scored]
+
+
+def group_tensors(
+    tensors: list[TensorSpec], selection: Selection, count: int
+) -> Grouping:
+    """Step 1: groups that choose as one, and the tensors left to other rules."""
+    scored: dict[str, list[TensorSpec]] = {}  # group key -> its scored tensors
+    units: dict[str, str | None] = {}
+    leaders: dict[str, TensorSpec] = {}  # parent module -> its scored tensor
+    for tensor in tensors:
+        if tensor.scored and tensor.floating and not tensor.base_only:
+            unit = unit_of(tensor.name, tensor.layer, selection.granularity)
+            scored.setdefault(unit or tensor.name, []).append(tensor)
+            units[unit or tensor.name] = unit
+            leaders.setdefault(parent(tensor.name), tensor)
+    followers: dict[str, list[tuple[TensorSpec, Follows]]] = {key: [] for key in scored}
+    by_layer, fixed = [], []
+    for tensor in tensors:
+        if not tensor.floating or tensor.base_only:
+            fixed.append(tensor)
+            continue
+        if tensor.scored:
+            continue
+        unit = unit_of(tensor.name, tensor.layer, selection.granularity)
+        leader = leaders.get(parent(tensor.name))
+        if leader is not None:
+            key = unit_of(leader.name, leader.layer, selection.granularity)
+            follows = Follows(kind="tensor", name=leader.name)
+            followers[key or leader.name].append((tensor, follows))
+        elif unit in scored:
+            followers[unit].append((tensor, Follows(kind="unit", name=unit)))
+        else:
+            kept = selection.kept(tensor.name)
+            by_layer.append((tensor, kept, selection.eligible(tensor.name, count)))
+    groups = []
+    for key, members in scored.items():
+        everyone = members + [tensor for tensor, _ in followers[key]]
+        flags = [selection.eligible(t.name, count) for t in everyone]
+        groups.append(
+            Group(
+                unit=units[key],
+                scored=tuple(members),
+                followers=tuple(followers[key]),
+                kept=any(selection.kept(t.name) for t in everyone),
+                eligible=tuple(all(column) for column in zip(*flags)),
+            )
+        )
+    return Grouping(
+        order=tuple(tensor.name for tensor in tensors),
+        groups=tuple(groups),
+        by_layer=tuple(by_layer),
+        fixed=tuple(fixed),
+    )
+
+
+def first_best(
+    values: list[float | None], eligible: list[bool] | tuple[bool, ...] | None = None
+) -> int | None:
+    """Index of the largest eligible value, the earliest on ties (the tie rule).
+
+    None (a copy that could not be scored) loses to any number, and so does an
+    ineligible model; None if no value is left.
+    """
+    best = None
+    for index, value in enumerate(values):
+        if value is None or (eligible is not None and not eligible[index]):
+            continue
+        if best is None or value > values[best]:
+            best = index
+    return best
+
+
+def mean(values: list[float | None]) -> float | None:
+    """Mean score of a unit's copies from one model; None if any is not finite."""
+    if any(value is None for value in values):
+        return None
+    return sum(values) / len(values)
+
+
+def choose(
+    grouping: Grouping,
+    scores: dict[str, list[float | None]],
+    names: list[str],
+    nonfinite: dict[str, list[bool]] | None = None,
+    pinned: dict[str, str] | None = None,
+) -> dict[str, TensorChoice]:
+    """Step 2: every tensor's choice, in output order.
+
+    scores: per scored tensor, each candidate's score (None: NaN or Inf).
+    nonfinite: per tensor with a NaN or Inf anywhere, which candidates' copies
+    hold one; such a copy may not supply anything of its group.
+    pinned: tensors whose source was set by hand (`reconcile`): they keep it,
+    with rule `override` where the rules decide otherwise, and whatever follows
+    them is decided from it.
+    """
+    nonfinite, pinned = nonfinite or {}, pinned or {}
+    count = len(names)
+    choices: dict[str, TensorChoice] = {}
+    supplied: dict[int | None, Counter] = {}  # layer -> candidate -> values
+
+    def allowed(tensors, eligible) -> tuple[bool, ...]:
+        flags = [nonfinite.get(t.name, [False] * count) for t in tensors]
+        return tuple(
+            ok and not any(flag[index] for flag in flags)
+            for index, ok in enumerate(eligible)
+        )
+
+    def source_of(tensor: TensorSpec, decided: int) -> tuple[str, bool]:
+        """The final source, and whether it was set against the rules."""
+        source = pinned.get(tensor.name, names[decided])
+        return source, source != names[decided]
+
+    def refuse_base(tensor: TensorSpec, why: str) -> None:
+        if nonfinite.get(tensor.name, [False])[0]:
+            raise SelectionError(
+                f"tensor {tensor.name} must come from the base ({why}), whose copy "
+                "holds NaN or Inf values"
+            )
+
+    for group in grouping.groups:
+        usable = allowed(group.members, group.eligible)
+        if group.kept:
+            winner, rule = 0, "keep-base"
+            for tensor in group.members:
+                refuse_base(tensor, "keep_base")
+        else:
+            means = [
+                mean([scores[t.name][index] for t in group.scored])
+                for index in range(count)
+            ]
+            winner = first_best(means, usable)
+            if winner is None:
+                what = group.unit or group.scored[0].name
+                raise SelectionError(f"{what}: no eligible model's copy is finite")
+            rule = "highest-ner" if group.unit is None else "highest-mean-ner"
+        excluded = (
+            () if group.kept else tuple(n for n, ok in zip(names, usable) if not ok)
+        )
+        for tensor in group.scored:
+            source, edited = source_of(tensor, winner)
+            choices[tensor.name] = TensorChoice(
+                source=source,
+                rule="override" if edited else rule,
+                unit=group.unit,
+                layer=tensor.layer,
+                shape=tensor.shape,
+                scores={} if group.kept else dict(zip(names, scores[tensor.name])),
+                excluded=excluded,
+            )
+            tally = supplied.setdefault(tensor.layer, Counter())
+            tally[names.index(source)] += tensor.size
+        unit_source = largest_supplier([choices[t.name] for t in group.scored], names)
+        for tensor, follows in group.followers:
+            leader = unit_source
+            if follows.kind == "tensor":
+                leader = names.index(choices[follows.name].source)
+            source, edited = source_of(tensor, leader)
+            rule = "keep-base" if group.kept and leader == 0 else "follows"
+            choices[tensor.name] = TensorChoice(
+                source=source,
+                rule="override" if edited else rule,
+                follows=None if edited or rule == "keep-base" else follows,
+                layer=tensor.layer,
+                shape=tensor.shape,
+                excluded=excluded,
+            )
+    for tensor, kept, eligible in grouping.by_layer:
+        if kept:
+            refuse_base(tensor, "keep_base")
+            winner, rule, follows, excluded = 0, "keep-base", None, ()
+        else:
+            usable = allowed([tensor], eligible)
+            counts = supplied.get(tensor.layer, Counter())
+            winner = first_best([counts[i] for i in range(count)], usable)
+            if winner is None:
+                raise SelectionError(
+                    f"{tensor.name}: no eligible model's copy is finite"
+                )
+            kind = "non-layer" if tensor.layer is None else "layer"
+            rule, follows = "follows", Follows(kind=kind)
+            excluded = tuple(n for n, ok in zip(names, usable) if not ok)
+        source, edited = source_of(tensor, winner)
+        choices[tensor.name] = TensorChoice(
+            source=source,
+            rule="override" if edited else rule,
+            follows=None if edited else follows,
+            layer=tensor.layer,
+            shape=tensor.shape,
+            excluded=excluded,
+        )
+    for tensor in grouping.fixed:
+        source, edited = source_of(tensor, 0)
+        if not edited:
+            refuse_base(tensor, "it is not scored")
+        choices[tensor.name] = TensorChoice(
+            source=source,
+            rule="override" if edited else "base",
+            layer=tensor.layer,
+            shape=tensor.shape,
+        )
+    return {name: choices[name] for name in grouping.order}
+
+
+def largest_supplier(choices: list[TensorChoice], names: list[str]) -> int:
+    """The candidate whose copies supply most of these tensors' values (the
+    earliest on ties): a unit's winner, unless a hand edit split the unit."""
+    shares = Counter()
+    for choice in choices:
+        shares[names.index(choice.source)] += prod(choice.shape)
+    return first_best([shares[index] for index in range(len(names))])
+
+
+def unit_decisions(source_map: SourceMap) -> dict[str, UnitChoice]:
+    """What each block or layer chose as one, derived from its tensors: the model
+    supplying most of its scored values, and each model's mean score over them."""
+    names = [model.name for model in source_map.models]
+    members: dict[str, list[TensorChoice]] = {}
+    for choice in source_map.tensors.values():
+        if choice.unit is not None and choice.scores:
+            members.setdefault(choice.unit, []).append(choice)
+    return {
+        unit: UnitChoice(
+            source=names[largest_supplier(scored, names)],
+            scores={n: mean([c.scores.get(n) for c in scored]) for n in names},
+        )
+        for unit, scored in members.items()
+    }
+
+
+def reconcile(
+    source_map: SourceMap,
+    grouping: Grouping,
+    nonfinite: dict[str, list[bool]] | None = None,
+) -> SourceMap:
+    """Step 3: a hand-edited map made consistent with the rules.
+
+    A tensor whose source differs from what the rules decide from the map's own
+    scores was edited; so was a follower the user marked `override`. Those are
+    pinned and `choose` runs again: an edited matrix takes its bias along, an
+    edited block or layer its other tensors, a layer whose matrices all moved its
+    norms, and every edit reads `override`. A map without edits comes back as it
+    was (stabilize shares included).
+    """
+    names = [model.name for model in source_map.models]
+    scores = {
+        tensor.name: [source_map.tensors[tensor.name].scores.get(n) for n in names]
+        for tensor in grouping.to_score()
+    }
+    decided = choose(grouping, scores, names, nonfinite)
+    followers = {t.name for g in grouping.groups for t, _ in g.followers}
+    followers |= {tensor.name for tensor, _, _ in grouping.by_layer}
+    pinned = {
+        name: choice.source
+        for name, choice in source_map.tensors.items()
+        if choice.source != decided[name].source
+        and (name not in followers or choice.rule == "override")
+    }
+    chosen = choose(grouping, scores, names, nonfinite, pinned) if pinned else decided
+    tensors = {
+        name: choice.model_copy(
+            update={"stabilized": _kept_share(source_map, name, choice)}
+        )
+        for name, choice in chosen.items()
+    }
+    return source_map.model_copy(update={"tensors": tensors})
+
+
+def _kept_share(source_map: SourceMap, name: str, choice: TensorChoice) -> float | None:
+    """The planned stabilize share, while the tensor keeps its planned source."""
+    planned = source_map.tensors[name]
+    return planned.stabilized if planned.source == choice.source else None

@@ -1,0 +1,305 @@
+"""The selection rules, table by table, on made-up tensor lists (no models)."""
+
+import json
+
+import pytest
+
+from ner_merge.names import layer_prefix, tensor_type, unit_of
+from ner_merge.selection import (
+    Selection,
+    SelectionError,
+    TensorSpec,
+    choose,
+    group_tensors,
+    reconcile,
+    unit_decisions,
+)
+from ner_merge.source_map import Follows, ModelEntry, SourceMap
+
+NAMES = ["base", "one", "two"]
+
+
+def _layer(index: int) -> list[TensorSpec]:
+    prefix = f"model.layers.{index}"
+    return [
+        TensorSpec(f"{prefix}.input_layernorm.weight", index, (4,), scored=False),
+        TensorSpec(f"{prefix}.self_attn.q_proj.weight", index, (4, 4), scored=True),
+        TensorSpec(f"{prefix}.self_attn.q_proj.bias", index, (4,), scored=False),
+        TensorSpec(f"{prefix}.self_attn.o_proj.weight", index, (4, 4), scored=True),
+        TensorSpec(f"{prefix}.mlp.up_proj.weight", index, (8, 4), scored=True),
+        TensorSpec(f"{prefix}.mlp.down_proj.weight", index, (4, 8), scored=True),
+        TensorSpec(f"{prefix}.post_attention_layernorm.weight", index, (4,), False),
+    ]
+
+
+TENSORS = [
+    TensorSpec("model.embed_tokens.weight", None, (16, 4), scored=True),
+    *_layer(0),
+    *_layer(1),
+    TensorSpec("model.norm.weight", None, (4,), scored=False),
+    TensorSpec("model.steps", None, (1,), scored=False, floating=False),
+    TensorSpec("lm_head.weight", None, (16, 4), scored=True, base_only=True),
+]
+Q0, Q0_BIAS = (
+    "model.layers.0.self_attn.q_proj.weight",
+    "model.layers.0.self_attn.q_proj.bias",
+)
+NORM0 = "model.layers.0.input_layernorm.weight"
+
+
+def _scores(winners: dict[str, int], default: int = 0) -> dict[str, list[float]]:
+    """Scores where the given model wins each scored tensor (default: `default`)."""
+    scores = {}
+    for tensor in TENSORS:
+        if tensor.scored and not tensor.base_only:
+            winner = winners.get(tensor.name, default)
+            scores[tensor.name] = [0.9 if i == winner else 0.5 for i in range(3)]
+    return scores
+
+
+def _choose(scores, selection: Selection | None = None, **options):
+    grouping = group_tensors(TENSORS, selection or Selection(), len(NAMES))
+    return choose(grouping, scores, NAMES, **options)
+
+
+# --- names ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, layer, prefix, kind, module, whole",
+    [
+        (Q0, 0, "model.layers.0", "self_attn.q_proj.weight",
+         "model.layers.0.self_attn", "model.layers.0"),
+        ("encoder.layer.3.output.dense.weight", 3, "encoder.layer.3",
+         "output.dense.weight", "encoder.layer.3.output", "encoder.layer.3"),
+        ("model.embed_tokens.weight", None, None, "model.embed_tokens.weight",
+         None, None),
+        ("odd.weight", 2, None, "odd.weight", None, None),  # index missing
+    ],
+)  # fmt: skip
+def test_name_structure(name, layer, prefix, kind, module, whole):
+    assert layer_prefix(name, layer) == prefix
+    assert tensor_type(name, layer) == kind
+    assert unit_of(name, layer, "tensor") is None
+    assert unit_of(name, layer, "module") == module
+    assert unit_of(name, layer, "layer") == whole
+
+
+# --- grouping ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "granularity, groups, follow_kinds",
+    [
+        ("tensor", 9, {Q0_BIAS: "tensor"}),
+        ("module", 5, {Q0_BIAS: "tensor"}),
+        (
+            "layer",
+            3,
+            {
+                Q0_BIAS: "tensor",
+                NORM0: "unit",
+                "model.layers.0.post_attention_layernorm.weight": "unit",
+            },
+        ),
+    ],
+)
+def test_grouping_at_each_granularity(granularity, groups, follow_kinds):
+    grouping = group_tensors(TENSORS, Selection(granularity), 3)
+    assert len(grouping.groups) == groups
+    followers = {
+        t.name: f.kind
+        for g in grouping.groups
+        for t, f in g.followers
+        if t.layer != 1  # layer 1 repeats layer 0
+    }
+    assert followers == follow_kinds
+    by_layer = {t.name for t, _, _ in grouping.by_layer}
+    assert ("model.norm.weight" in by_layer) and (NORM0 in by_layer) == (
+        granularity != "layer"
+    )
+    assert [t.name for t in grouping.fixed] == ["model.steps", "lm_head.weight"]
+
+
+# --- choosing ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "scores, winner",
+    [([0.5, 0.5, 0.5], "base"), ([0.4, 0.6, 0.6], "one"), ([0.4, 0.5, 0.6], "two"),
+     ([None, 0.1, None], "one")],
+)  # fmt: skip
+def test_highest_score_wins_and_ties_go_to_the_earlier(scores, winner):
+    choices = _choose(_scores({}) | {Q0: scores})
+    assert choices[Q0].source == winner and choices[Q0].rule == "highest-ner"
+    assert choices[Q0_BIAS].source == winner
+    assert choices[Q0_BIAS].follows == Follows(kind="tensor", name=Q0)
+
+
+def test_norms_follow_the_majority_of_their_layers_parameters():
+    # Layer 0: "one" wins the two 32-value MLP matrices, "two" both 16-value ones.
+    winners = {
+        "model.layers.0.mlp.up_proj.weight": 1,
+        "model.layers.0.mlp.down_proj.weight": 1,
+        Q0: 2,
+        "model.layers.0.self_attn.o_proj.weight": 2,
+        "model.embed_tokens.weight": 2,
+    }
+    choices = _choose(_scores(winners))
+    assert choices[NORM0].source == "one"
+    assert choices[NORM0].follows == Follows(kind="layer")
+    assert choices["model.layers.1.input_layernorm.weight"].source == "base"
+    assert choices["model.norm.weight"].source == "two"
+    assert choices["model.norm.weight"].follows == Follows(kind="non-layer")
+    assert choices["model.steps"].rule == "base"
+    assert choices["lm_head.weight"].source == "base"
+
+
+def test_a_block_chooses_by_its_mean_score():
+    scores = _scores({}) | {
+        Q0: [0.5, 0.9, 0.1],  # one leads here ...
+        "model.layers.0.self_attn.o_proj.weight": [0.5, 0.2, 0.8],  # ... two here
+    }  # means: base 0.5, one 0.55, two 0.45
+    choices = _choose(scores, Selection("module"))
+    for name in (Q0, "model.layers.0.self_attn.o_proj.weight", Q0_BIAS):
+        assert choices[name].source == "one", name
+    assert choices[Q0].rule == "highest-mean-ner"
+    assert choices[Q0].unit == "model.layers.0.self_attn"
+
+
+def test_keep_base_takes_the_whole_group():
+    choices = _choose(_scores({Q0: 2}), Selection(keep_base=("*.q_proj.bias",)))
+    assert choices[Q0].source == "base" and choices[Q0].rule == "keep-base"
+    assert choices[Q0_BIAS].rule == "keep-base"
+
+
+def test_exclude_and_nonfinite_copies_lose_their_group():
+    scores = _scores({}) | {Q0: [0.4, 0.6, 0.9]}
+    excluded = Selection(exclusions=((), (), ("*.q_proj.bias",)))
+    choices = _choose(scores, excluded)
+    assert choices[Q0].source == "one" and choices[Q0].excluded == ("two",)
+    poisoned = {Q0_BIAS: [False, False, True]}  # two's bias holds NaN
+    choices = _choose(scores, nonfinite=poisoned)
+    assert choices[Q0].source == "one" and choices[Q0_BIAS].source == "one"
+
+
+def test_a_nonfinite_base_copy_that_must_be_used_is_refused():
+    with pytest.raises(SelectionError, match="model.steps"):
+        _choose(_scores({}), nonfinite={"model.steps": [True, False, False]})
+    everywhere = {NORM0: [True, True, True]}
+    with pytest.raises(SelectionError, match=NORM0):
+        _choose(_scores({}), nonfinite=everywhere)
+
+
+# --- hand edits -------------------------------------------------------------------
+
+
+def _planned(selection: Selection, winners: dict[str, int]) -> tuple:
+    grouping = group_tensors(TENSORS, selection, 3)
+    choices = choose(grouping, _scores(winners), NAMES)
+    models = tuple(
+        ModelEntry(name=n, path=f"/m/{n}", revision=None, fingerprint=n, role=r)
+        for n, r in zip(NAMES, ["base", "fine-tuned", "fine-tuned"])
+    )
+    return grouping, SourceMap(models=models, options={}, tensors=choices)
+
+
+def _edit(source_map: SourceMap, **sources: str) -> SourceMap:
+    tensors = dict(source_map.tensors)
+    for key, source in sources.items():
+        name, _, rule = key.partition("__")
+        name = {"q0": Q0, "bias": Q0_BIAS, "norm": NORM0}.get(name, name)
+        update = {"source": source} | ({"rule": rule} if rule else {})
+        tensors[name] = tensors[name].model_copy(update=update)
+    return source_map.model_copy(update={"tensors": tensors})
+
+
+LAYER0_MATRICES = [t.name for t in _layer(0) if t.scored]
+
+
+def test_an_unedited_map_comes_back_unchanged():
+    for granularity in ("tensor", "module", "layer"):
+        grouping, planned = _planned(Selection(granularity), {Q0: 1})
+        assert reconcile(planned, grouping) == planned
+
+
+def test_an_edited_matrix_takes_its_bias_and_reads_override():
+    grouping, planned = _planned(Selection(), {})
+    result = reconcile(_edit(planned, q0="two"), grouping)
+    assert result.tensors[Q0].source == "two" and result.tensors[Q0].rule == "override"
+    assert result.tensors[Q0_BIAS].source == "two"
+    assert result.tensors[Q0_BIAS].rule == "follows"
+
+
+def test_a_follower_moves_alone_only_when_marked_override():
+    grouping, planned = _planned(Selection(), {})
+    assert reconcile(_edit(planned, bias="two"), grouping) == planned
+    result = reconcile(_edit(planned, bias__override="two"), grouping)
+    assert result.tensors[Q0_BIAS].source == "two"
+    assert result.tensors[Q0].source == "base"
+
+
+@pytest.mark.parametrize("granularity", ["module", "layer"])
+def test_an_edited_unit_member_reads_override_and_units_follow(granularity):
+    grouping, planned = _planned(Selection(granularity), {})
+    unit = planned.tensors[Q0].unit
+    result = reconcile(_edit(planned, q0="two"), grouping)
+    assert result.tensors[Q0].rule == "override" and result.tensors[Q0].unit == unit
+    assert result.tensors[Q0_BIAS].source == "two"
+    assert (
+        unit_decisions(result)[unit].source == "base"
+    )  # base still supplies most of it
+    moved = {name: "two" for name in LAYER0_MATRICES}
+    result = reconcile(_edit(planned, **moved), grouping)
+    whole = "model.layers.0" if granularity == "layer" else "model.layers.0.mlp"
+    assert unit_decisions(result)[whole].source == "two"
+    if granularity == "layer":  # a layer moved whole takes its norms along
+        assert result.tensors[NORM0].source == "two"
+
+
+def test_moving_a_layers_matrices_at_tensor_granularity_moves_its_norms():
+    grouping, planned = _planned(Selection(), {})
+    result = reconcile(
+        _edit(planned, **dict.fromkeys(LAYER0_MATRICES, "one")), grouping
+    )
+    assert result.tensors[NORM0].source == "one"
+    assert (
+        result.tensors["model.layers.0.post_attention_layernorm.weight"].source == "one"
+    )
+    assert result.tensors["model.layers.1.input_layernorm.weight"].source == "base"
+
+
+def test_an_edited_keep_base_tensor_reads_override():
+    grouping, planned = _planned(Selection(keep_base=("*.q_proj.*",)), {})
+    result = reconcile(_edit(planned, q0="one"), grouping)
+    assert result.tensors[Q0].rule == "override" and result.tensors[Q0].source == "one"
+    assert result.tensors[Q0_BIAS].source == "one"
+    assert result.tensors[Q0_BIAS].rule == "follows"
+
+
+def test_a_version_1_map_is_read_and_upgraded(tmp_path):
+    """Version 1 stored units and said what a tensor follows in one string."""
+    grouping, planned = _planned(Selection("layer"), {Q0: 1})
+    document = json.loads(planned.to_json())
+    for choice in document["tensors"].values():
+        follows = choice["follows"]
+        if follows is not None:
+            choice["follows"] = {
+                "tensor": follows["name"],
+                "unit": follows["name"],
+                "layer": f"layer {choice['layer']}",
+                "non-layer": "non-layer matrices",
+            }[follows["kind"]]
+    kinds = {c["follows"] for c in document["tensors"].values() if c["follows"]}
+    assert {
+        "layer 0",
+        "non-layer matrices",
+        Q0_BIAS.replace(".bias", ".weight"),
+    } & kinds
+    units = unit_decisions(planned)
+    document |= {
+        "format_version": 1,
+        "units": {u: c.model_dump(mode="json") for u, c in units.items()},
+    }
+    (tmp_path / "v1.json").write_text(json.dumps(document))
+    assert SourceMap.load(tmp_path / "v1.json") == planned
