@@ -72,6 +72,22 @@ def _usable(folder: Path) -> bool:
     return True
 
 
+def write_json_atomically(path: Path, document: object) -> None:
+    """Write a JSON file by renaming a finished temporary file into place, so
+    readers (a concurrent run, or the next one after a kill) see either no file
+    or a whole one. Raises OSError, leaving no temporary file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as file:
+            json.dump(document, file, sort_keys=True)
+        os.replace(temporary, path)
+    except OSError:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
 class ScoreCache:
     """NER scores on disk for one set of scoring options."""
 
@@ -105,19 +121,11 @@ class ScoreCache:
     def put(self, tensor_hash: str, score: float) -> None:
         """Store a score atomically. A cache that cannot be written only costs a
         later re-computation, so that is a warning (once), not an error."""
-        path = self._path(tensor_hash)
         entry = {"tensor": tensor_hash, "options": self.options, "ner": score}
-        temporary = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-            with os.fdopen(handle, "w") as file:
-                json.dump(entry, file)
-            os.replace(temporary, path)
+            write_json_atomically(self._path(tensor_hash), entry)
         except OSError as error:
             self._warn(f"score cache {self.root} not written ({error})")
-            if temporary is not None and os.path.exists(temporary):
-                os.unlink(temporary)
 
     def _warn(self, message: str) -> None:
         if not self._warned:

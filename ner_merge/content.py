@@ -23,13 +23,13 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import blake3
 import torch
 
+from ner_merge.cache import write_json_atomically
 from ner_merge.reader import TensorHeader, as_tensor, read_bytes
 
 LOG = logging.getLogger(__name__)
@@ -115,19 +115,11 @@ class DigestIndex:
             return {}
 
     def save(self, key: str, digests: dict[str, TensorDigest]) -> None:
-        path = self._path(key)
         tensors = {n: {"hash": d.hash, "finite": d.finite} for n, d in digests.items()}
-        temporary = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-            with os.fdopen(handle, "w") as file:
-                json.dump({"key": key, "tensors": tensors}, file, sort_keys=True)
-            os.replace(temporary, path)
+            write_json_atomically(self._path(key), {"key": key, "tensors": tensors})
         except OSError as error:
             self._warn(f"content index not written to {self.root}: {error}")
-            if temporary is not None and os.path.exists(temporary):
-                os.unlink(temporary)
 
     def _warn(self, message: str) -> None:
         if self.root not in self._warned:

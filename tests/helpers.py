@@ -13,6 +13,7 @@ from mergekit.architecture import arch_info_for_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ner_merge.source_map import Follows, ModelEntry, SourceMap, TensorChoice
 from tests import pico
 
 # Planted winners: model 1's layer-0 q_proj is rank 1 (NER 0, must lose);
@@ -182,3 +183,36 @@ def twin(model: Path, target: Path) -> Path:
     tensors["model.norm.weight"] = tensors["model.norm.weight"] * 2
     save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
     return target
+
+
+def small_source_map() -> SourceMap:
+    """A valid two-model source map made by hand, without torch or any model."""
+    models = tuple(
+        ModelEntry(name=n, path=f"/m/{n}", revision=None, fingerprint="0" * 64, role=r)
+        for n, r in (("base", "base"), ("tuned", "fine-tuned"))
+    )
+    matrix = "model.layers.0.self_attn.q_proj.weight"
+    tensors = {
+        matrix: TensorChoice(
+            source="tuned",
+            rule="highest-ner",
+            layer=0,
+            shape=(4, 2),
+            scores={"base": 0.5, "tuned": 0.75},
+        ),
+        "model.layers.0.self_attn.q_proj.bias": TensorChoice(
+            source="tuned",
+            rule="follows",
+            layer=0,
+            shape=(4,),
+            follows=Follows(kind="tensor", name=matrix),
+        ),
+        "model.norm.weight": TensorChoice(
+            source="base",
+            rule="follows",
+            layer=None,
+            shape=(2,),
+            follows=Follows(kind="non-layer"),
+        ),
+    }
+    return SourceMap(models=models, options={}, tensors=tensors)

@@ -13,34 +13,13 @@ from click.testing import CliRunner
 
 from ner_merge import __version__
 from ner_merge.cli import MERGE_SOURCE_MAP_FILE, main
-from ner_merge.source_map import Follows, ModelEntry, SourceMap, TensorChoice
+from ner_merge.source_map import SourceMap
 from tests import pico
-from tests.helpers import write_recipe
+from tests.helpers import small_source_map, write_recipe
 
 
 def _hand_made_map(path: Path) -> Path:
-    """A small valid source map, written without torch or any model."""
-    models = tuple(
-        ModelEntry(name=n, path=f"/m/{n}", revision=None, fingerprint="0" * 64, role=r)
-        for n, r in (("base", "base"), ("tuned", "fine-tuned"))
-    )
-    tensors = {
-        "model.layers.0.mlp.up_proj.weight": TensorChoice(
-            source="tuned",
-            rule="highest-ner",
-            layer=0,
-            shape=(4, 2),
-            scores={"base": 0.5, "tuned": 0.75},
-        ),
-        "model.norm.weight": TensorChoice(
-            source="base",
-            rule="follows",
-            layer=None,
-            shape=(2,),
-            follows=Follows(kind="tensor", name="x"),
-        ),
-    }
-    SourceMap(models=models, options={}, tensors=tensors).save(path)
+    small_source_map().save(path)
     return path
 
 

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from ner_merge.errors import RecipeError, SourceMapError
 from ner_merge.options import NerOptions
 from ner_merge.recipe import Recipe
-from ner_merge.source_map import Follows, ModelEntry, SourceMap, TensorChoice
+from ner_merge.source_map import SourceMap
+from tests.helpers import small_source_map
 
 FUZZ = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -150,31 +151,7 @@ def test_any_valid_recipe_loads_to_the_values_given(generated):
     assert recipe.where == str(path)
 
 
-def _valid_map() -> dict:
-    models = tuple(
-        ModelEntry(name=n, path=f"/m/{n}", revision=None, fingerprint="0" * 64, role=r)
-        for n, r in (("base", "base"), ("tuned", "fine-tuned"))
-    )
-    tensors = {
-        "w": TensorChoice(
-            source="tuned",
-            rule="highest-ner",
-            layer=0,
-            shape=(2, 2),
-            scores={"base": 0.5, "tuned": 0.75},
-        ),
-        "b": TensorChoice(
-            source="tuned",
-            rule="follows",
-            layer=0,
-            shape=(2,),
-            follows=Follows(kind="tensor", name="w"),
-        ),
-    }
-    return SourceMap(models=models, options={}, tensors=tensors).model_dump(mode="json")
-
-
-VALID_MAP = _valid_map()
+VALID_MAP = small_source_map().model_dump(mode="json")
 
 
 def _paths(value, prefix=()):
