@@ -18,13 +18,12 @@ import click
 
 from ner_merge import __version__
 from ner_merge.errors import NerMergeError
+from ner_merge.threads import wait_passively
+
+wait_passively()  # before any command imports torch (see ner_merge.threads)
 
 if TYPE_CHECKING:
     from ner_merge.source_map import SourceMap
-
-# The map a merge writes into its output folder (pipeline.SOURCE_MAP_FILE; kept
-# here too so that `show OUT` need not import the merge pipeline).
-MERGE_SOURCE_MAP_FILE = "ner_source_map.json"
 
 
 def _print_version(context: click.Context, _: click.Parameter, value: bool) -> None:
@@ -159,14 +158,14 @@ def show_command(map_file: str) -> None:
     """Print a source map: a file from `plan -o`, or a merge's output folder
     (its ner_source_map.json)."""
     from ner_merge.report import plan_table
-    from ner_merge.source_map import SourceMap
+    from ner_merge.source_map import SOURCE_MAP_FILE, SourceMap
 
     path = Path(map_file)
     if path.is_dir():
-        path = path / MERGE_SOURCE_MAP_FILE
+        path = path / SOURCE_MAP_FILE
         if not path.is_file():
             raise click.ClickException(
-                f"{map_file}: no {MERGE_SOURCE_MAP_FILE} in this folder; give a "
+                f"{map_file}: no {SOURCE_MAP_FILE} in this folder; give a "
                 "map file, or the output folder of an NER merge"
             )
     try:

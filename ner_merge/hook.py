@@ -18,6 +18,10 @@ to happen as the module executes, not later.
 A failure here must not break mergekit for other recipes: it is reported in one
 line on stderr and mergekit carries on without `ner`. Set NER_MERGE_DISABLE_HOOK=1
 to switch the hook off.
+
+One more thing must happen this early, before torch starts its OpenMP threads:
+for `mergekit-yaml` with an NER recipe, the passive OpenMP wait policy (see
+`ner_merge.threads`); no other program's environment is touched.
 """
 
 import importlib.machinery
@@ -93,10 +97,29 @@ class _AfterImportFinder:
         return spec
 
 
+def _is_ner_merge(argv: list[str]) -> bool:
+    """Whether this process is `mergekit-yaml` given a recipe with
+    `merge_method: ner` (read cheaply: no YAML parser at interpreter start)."""
+    if not argv or os.path.basename(argv[0]) != "mergekit-yaml":
+        return False
+    recipe = next((arg for arg in argv[1:] if not arg.startswith("-")), None)
+    try:
+        with open(recipe, encoding="utf-8") as file:
+            lines = file.read(1 << 16).splitlines()
+    except (OSError, TypeError, ValueError):
+        return False
+    wanted = {"merge_method:ner", "merge_method:'ner'", 'merge_method:"ner"'}
+    return any(line.split("#")[0].replace(" ", "") in wanted for line in lines)
+
+
 def install() -> None:
     """Add the finder once; modules already imported are handled at once."""
     if os.environ.get(DISABLE_VARIABLE) == "1":
         return
+    if _is_ner_merge(sys.argv):
+        from ner_merge.threads import wait_passively
+
+        wait_passively()
     if any(isinstance(finder, _AfterImportFinder) for finder in sys.meta_path):
         return
     sys.meta_path.insert(0, _AfterImportFinder())

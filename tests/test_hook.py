@@ -97,3 +97,26 @@ def test_the_hook_can_be_switched_off():
     assert hook_effects(switch="1") == ["0", "False", "run_merge"]
     # Without the switch the very same probe sees the hook at work.
     assert hook_effects(switch=None) == ["1", "True", "run_merge_with_ner"]
+
+
+def test_passive_threads_only_for_ner_merges(tmp_path):
+    from ner_merge.hook import _is_ner_merge
+
+    ner = tmp_path / "ner.yml"
+    ner.write_text("models: []\nmerge_method: ner  # ours\n")
+    linear = tmp_path / "linear.yml"
+    linear.write_text("merge_method: linear\n# merge_method: ner\n")
+    assert _is_ner_merge(["/venv/bin/mergekit-yaml", str(ner), "out", "--cuda"])
+    assert _is_ner_merge(["mergekit-yaml", "--quiet", str(ner), "out"])
+    assert not _is_ner_merge(["mergekit-yaml", str(linear), "out"])
+    assert not _is_ner_merge(["mergekit-yaml", str(tmp_path / "missing.yml")])
+    assert not _is_ner_merge(["python", str(ner)])
+    assert not _is_ner_merge([])
+    environment = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    done = subprocess.run(  # any other program: untouched
+        [sys.executable, "-c", "import os; print(os.environ.get('OMP_WAIT_POLICY'))"],
+        capture_output=True,
+        text=True,
+        env=environment,
+    )
+    assert done.stdout.strip() == "None"
