@@ -40,12 +40,10 @@ from ner_merge.scoring import (
     stabilized,
 )
 from ner_merge.selection import Selection, SelectionError, group_tensors, reconcile
-from ner_merge.source_map import SourceMap
+from ner_merge.source_map import SOURCE_MAP_FILE, SourceMap
 from ner_merge.vocabulary import vocabulary_alignment
 
 LOG = logging.getLogger(__name__)
-
-SOURCE_MAP_FILE = "ner_source_map.json"
 
 MAX_NAMED = 5  # tensors named in one refusal
 

@@ -22,6 +22,7 @@ from ner_merge.errors import SourceMapError
 from ner_merge.options import format_validation_error
 
 FORMAT_VERSION = 2
+SOURCE_MAP_FILE = "ner_source_map.json"  # its name in a merge's output folder
 
 Role = Literal["base", "fine-tuned"]
 # highest-ner: a scored tensor, won outright; highest-mean-ner: a scored tensor

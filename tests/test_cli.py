@@ -12,8 +12,8 @@ import torch
 from click.testing import CliRunner
 
 from ner_merge import __version__
-from ner_merge.cli import MERGE_SOURCE_MAP_FILE, main
-from ner_merge.source_map import SourceMap
+from ner_merge.cli import main
+from ner_merge.source_map import SOURCE_MAP_FILE, SourceMap
 from tests import pico
 from tests.helpers import small_source_map, write_recipe
 
@@ -58,21 +58,15 @@ def test_version_and_help_say_how_to_merge():
 def test_show_takes_a_merge_output_folder(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    _hand_made_map(out / MERGE_SOURCE_MAP_FILE)
-    from_file = CliRunner().invoke(main, ["show", str(out / MERGE_SOURCE_MAP_FILE)])
+    _hand_made_map(out / SOURCE_MAP_FILE)
+    from_file = CliRunner().invoke(main, ["show", str(out / SOURCE_MAP_FILE)])
     from_folder = CliRunner().invoke(main, ["show", str(out)])
     assert from_file.exit_code == 0, from_file.output
     assert from_folder.exit_code == 0 and from_folder.output == from_file.output
 
     no_map = CliRunner().invoke(main, ["show", str(tmp_path)])
     assert no_map.exit_code == 1
-    assert f"{tmp_path}: no {MERGE_SOURCE_MAP_FILE} in this folder" in no_map.output
-
-
-def test_the_output_folder_name_matches_the_pipeline():
-    from ner_merge.pipeline import SOURCE_MAP_FILE
-
-    assert MERGE_SOURCE_MAP_FILE == SOURCE_MAP_FILE
+    assert f"{tmp_path}: no {SOURCE_MAP_FILE} in this folder" in no_map.output
 
 
 def test_plan_creates_the_output_folder(tmp_path, qwen_trio, monkeypatch):

@@ -21,12 +21,11 @@ from ner_merge.content import ModelContent
 from ner_merge.errors import ModelError, NerMergeError, RecipeError, SourceMapError
 from ner_merge.inventory import same_content
 from ner_merge.models import ResolvedModel
-from ner_merge.pipeline import SOURCE_MAP_FILE
 from ner_merge.planner import plan
 from ner_merge.recipe import Recipe
 from ner_merge.scoring import check_device
 from ner_merge.selection import unit_decisions
-from ner_merge.source_map import SourceMap
+from ner_merge.source_map import SOURCE_MAP_FILE, SourceMap
 from tests.helpers import (
     assert_bit_identical_to_sources,
     reference_ner,
