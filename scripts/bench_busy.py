@@ -46,6 +46,7 @@ def timed_plan(recipe: Path, work: Path, policy: str | None) -> float:
     if policy is not None:
         env["OMP_WAIT_POLICY"] = policy
     command = [str(Path(sys.executable).parent / "ner-merge"), "plan", str(recipe)]
+    command += ["-o", str(work / "plan.json")]
     start = time.perf_counter()
     subprocess.run(command + ["--quiet"], env=env, check=True, capture_output=True)
     return time.perf_counter() - start
