@@ -85,7 +85,9 @@ class OutputFolder:
                 "replaces OUT whole, so name a new folder"
             )
         for model in self.inputs:
-            if self.target == model or model in self.target.parents:
+            if self.target == model:
+                raise OutputError(f"OUT {self.given}: is input model {model}")
+            if model in self.target.parents:
                 raise OutputError(f"OUT {self.given}: lies in input model {model}")
             if self.target in model.parents:
                 raise OutputError(f"OUT {self.given}: holds input model {model}")

@@ -163,7 +163,12 @@ def checked_source_map(
     no tensor is read from a folder the map alone points to.
     """
     where = recipe.options.source_map
-    source_map = paired_with_recipe(SourceMap.load(where), models, where)
+    try:
+        loaded = SourceMap.load(where)
+    except SourceMapError as error:  # name the recipe and option that gave it
+        option = f"{recipe.where}: parameters.source_map"
+        raise SourceMapError(f"{option}: {error}") from None
+    source_map = paired_with_recipe(loaded, models, where)
     _check_options(recipe, source_map, where)
     config = localized_config(recipe, models)
     vocabulary = vocabulary_alignment(config, merge_options)

@@ -52,7 +52,7 @@ def _refused(workspace: Path, out: str, says: str, isolated_score_cache: Path):
     [
         (".", "is the current folder or holds it"),
         ("..", "is the current folder or holds it"),
-        ("models/one", "lies in input model"),
+        ("models/one", "is input model"),
         ("models/one/merged", "lies in input model"),
         ("models", "holds input model"),
         ("thesis.tex", "is a file"),
