@@ -190,7 +190,7 @@ def checked_source_map(
     )
     grouping = group_tensors(
         [scoring.spec(tensor) for tensor in tensors],
-        Selection.of_map(source_map),
+        Selection.of_map(source_map, where),
         len(names),
     )
     try:

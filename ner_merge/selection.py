@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from math import prod
 
-from ner_merge.errors import RecipeError
+from ner_merge.errors import RecipeError, SourceMapError
 from ner_merge.names import Granularity, parent, unit_of
 from ner_merge.options import NerOptions, split_patterns
 from ner_merge.source_map import Follows, SourceMap, TensorChoice, UnitChoice
@@ -100,11 +100,13 @@ class Selection:
         return cls(options.granularity, split_patterns(options.keep_base), exclusions)
 
     @classmethod
-    def of_map(cls, source_map: SourceMap) -> "Selection":
-        """The options a map was planned with."""
-        options = NerOptions.model_validate(
-            {k: v for k, v in source_map.options.items() if v is not None}
-        )
+    def of_map(cls, source_map: SourceMap, where: str) -> "Selection":
+        """The options a map was planned with; a map whose options are not valid
+        NER options (edited by hand) is refused, naming the file and field."""
+        given = {k: v for k, v in source_map.options.items() if v is not None}
+        options, problems = NerOptions.checked(given, "options")
+        if options is None:
+            raise SourceMapError("\n".join(f"{where}: {line}" for line in problems))
         exclusions = tuple(model.exclude for model in source_map.models)
         return cls.from_options(options, exclusions)
 
@@ -171,13 +173,14 @@ def group_tensors(
     """Step 1: groups that choose as one, and the tensors left to other rules."""
     scored: dict[str, list[TensorSpec]] = {}  # group key -> its scored tensors
     units: dict[str, str | None] = {}
-    leaders: dict[str, TensorSpec] = {}  # parent module -> its scored tensor
+    # parent module -> its scored tensor, and the key of that tensor's group
+    leaders: dict[str, tuple[TensorSpec, str]] = {}
     for tensor in tensors:
         if tensor.scored and tensor.floating and not tensor.base_only:
             unit = unit_of(tensor.name, tensor.layer, selection.granularity)
             scored.setdefault(unit or tensor.name, []).append(tensor)
             units[unit or tensor.name] = unit
-            leaders.setdefault(parent(tensor.name), tensor)
+            leaders.setdefault(parent(tensor.name), (tensor, unit or tensor.name))
     followers: dict[str, list[tuple[TensorSpec, Follows]]] = {key: [] for key in scored}
     by_layer, fixed = [], []
     for tensor in tensors:
@@ -187,11 +190,9 @@ def group_tensors(
         if tensor.scored:
             continue
         unit = unit_of(tensor.name, tensor.layer, selection.granularity)
-        leader = leaders.get(parent(tensor.name))
-        if leader is not None:
-            key = unit_of(leader.name, leader.layer, selection.granularity)
-            follows = Follows(kind="tensor", name=leader.name)
-            followers[key or leader.name].append((tensor, follows))
+        if parent(tensor.name) in leaders:
+            leader, key = leaders[parent(tensor.name)]
+            followers[key].append((tensor, Follows(kind="tensor", name=leader.name)))
         elif unit in scored:
             followers[unit].append((tensor, Follows(kind="unit", name=unit)))
         else:
@@ -400,7 +401,8 @@ def reconcile(
     """Step 3: a hand-edited map made consistent with the rules.
 
     A tensor whose source differs from what the rules decide from the map's own
-    scores was edited; so was a follower the user marked `override`. Those are
+    scores was edited; so was any tensor marked `override` (a bias kept where it
+    is while its matrix moves, say). Those are
     pinned and `choose` runs again: an edited matrix takes its bias along, an
     edited block or layer its other tensors, a layer whose matrices all moved its
     norms, and every edit reads `override`. A map without edits comes back as it
@@ -414,11 +416,11 @@ def reconcile(
     decided = choose(grouping, scores, names, nonfinite)
     followers = {t.name for g in grouping.groups for t, _ in g.followers}
     followers |= {tensor.name for tensor, _, _ in grouping.by_layer}
-    pinned = {
+    pinned = {  # a follower stays put, even as what it follows moves, only if asked
         name: choice.source
         for name, choice in source_map.tensors.items()
-        if choice.source != decided[name].source
-        and (name not in followers or choice.rule == "override")
+        if choice.rule == "override"
+        or (name not in followers and choice.source != decided[name].source)
     }
     chosen = choose(grouping, scores, names, nonfinite, pinned) if pinned else decided
     tensors = {

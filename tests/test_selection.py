@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from ner_merge.errors import SourceMapError
 from ner_merge.names import layer_prefix, tensor_type, unit_of
 from ner_merge.selection import (
     Selection,
@@ -303,3 +304,26 @@ def test_a_version_1_map_is_read_and_upgraded(tmp_path):
     }
     (tmp_path / "v1.json").write_text(json.dumps(document))
     assert SourceMap.load(tmp_path / "v1.json") == planned
+
+
+def test_a_follower_marked_override_stays_while_its_matrix_moves():
+    grouping, planned = _planned(Selection(), {})
+    result = reconcile(_edit(planned, q0="two", bias__override="base"), grouping)
+    assert result.tensors[Q0].source == "two"
+    assert result.tensors[Q0_BIAS].source == "base"
+    assert result.tensors[Q0_BIAS].rule == "override"
+    assert reconcile(result, grouping) == result  # reconciling again changes nothing
+
+
+@pytest.mark.parametrize(
+    "options, says",
+    [
+        ({"granularity": "Layer"}, "options.granularity"),
+        ({"granularty": "layer"}, "options.granularty: unknown option"),
+    ],
+)
+def test_a_map_with_invalid_options_is_refused_naming_the_field(options, says):
+    _, planned = _planned(Selection(), {})
+    edited = planned.model_copy(update={"options": options})
+    with pytest.raises(SourceMapError, match=f"plan.json: {says}"):
+        Selection.of_map(edited, "plan.json")
