@@ -6,7 +6,7 @@ model's fingerprint is a hash over its tensors' names and hashes. A changed byte
 anywhere changes both, so no score or source map is ever reused for other bytes.
 
 Hashing needs the bytes: a tensor is hashed as it is read for scoring, and the
-tensors no rule scores are read once more to complete the fingerprint. While
+tensors no rule scores are read (once) to complete the fingerprint. While
 its bytes are at hand, each floating-point tensor is also checked for NaN and Inf
 (one `aminmax` pass, through which NaN propagates; about 30 GB/s here), so no
 non-finite value can reach the output unnoticed.
@@ -137,17 +137,17 @@ class ModelContent:
         self.name = name
         self.headers = headers
         self.index = index
-        self._keys = {path: file_key(path) for path in self._files()}
+        self._names: dict[str, set[str]] = {}  # shard file -> its tensors
+        for name, header in headers.items():
+            self._names.setdefault(header.path, set()).add(name)
+        self._keys = {path: file_key(path) for path in sorted(self._names)}
         self._digests: dict[str, TensorDigest] = {}
         if index is not None:
             for path, key in self._keys.items():
                 known = index.load(key)
-                if set(known) == {n for n, h in headers.items() if h.path == path}:
+                if set(known) == self._names[path]:
                     self._digests.update(known)
         self._indexed = set(self._digests)
-
-    def _files(self) -> list[str]:
-        return sorted({header.path for header in self.headers.values()})
 
     def known(self, name: str) -> TensorDigest | None:
         """The tensor's digest if it is already known (indexed or read)."""
@@ -173,14 +173,13 @@ class ModelContent:
     def complete(self) -> None:
         """Read every tensor whose digest is unknown, then index the new ones."""
         for name in self.headers:
-            if name not in self._digests:
-                self.read(name)
+            self.digest(name)
         if self.index is None:
             return
         for path, key in self._keys.items():
-            names = [n for n, h in self.headers.items() if h.path == path]
-            if not set(names) <= self._indexed:
-                self.index.save(key, {n: self._digests[n] for n in names})
+            names = self._names[path]
+            if not names <= self._indexed:
+                self.index.save(key, {n: self._digests[n] for n in sorted(names)})
         self._indexed = set(self._digests)
 
     @property
