@@ -97,7 +97,7 @@ class OutputFolder:
             return
         if not self.target.is_dir():
             raise OutputError(f"OUT {self.given}: is a file, not a folder")
-        present = _files_of(self.target)
+        present = sorted(os.listdir(self.target))  # not a walk: OUT may be huge
         if not present:
             return
         written = _manifest(self.target)
@@ -106,7 +106,7 @@ class OutputFolder:
                 f"OUT {self.given}: exists and is not a merge's output (it holds "
                 f"{_listed(present)}); choose another folder or empty it yourself"
             )
-        foreign = [name for name in present if name not in written]
+        foreign = [name for name in _files_of(self.target) if name not in written]
         if foreign:
             raise OutputError(
                 f"OUT {self.given}: a merge's output with files added since "
