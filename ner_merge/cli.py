@@ -8,6 +8,7 @@ torch, mergekit and the planner take seconds to import, so each command imports
 what it needs when it runs: `--help`, `--version` and `show` stay instant.
 """
 
+import json
 import logging
 import os
 import tempfile
@@ -61,7 +62,8 @@ def main(verbose: bool) -> None:
 
 
 def check_output_file(path: str) -> None:
-    """Fail before scoring if `path` could not be written after it.
+    """Fail before scoring if `path` could not be written after it, or holds a
+    file of the user's that a map would overwrite.
 
     The nearest existing folder above it must be a folder we can create files
     in (tried with a temporary file: permission bits lie to root and on
@@ -71,6 +73,11 @@ def check_output_file(path: str) -> None:
     target = Path(path).absolute()
     if target.is_dir():
         raise click.ClickException(f"-o {path}: is a folder; give a file name")
+    if target.exists() and not _holds_a_source_map(target):
+        raise click.ClickException(
+            f"-o {path}: exists and is not a source map; plan overwrites only a "
+            "map, so choose another name or move that file yourself"
+        )
     existing = target.parent
     while not existing.exists():
         existing = existing.parent
@@ -83,6 +90,16 @@ def check_output_file(path: str) -> None:
         raise click.ClickException(
             f"-o {path}: cannot write in {existing}: {error.strerror}"
         ) from None
+
+
+def _holds_a_source_map(path: Path) -> bool:
+    """Whether a file is a source map (of any version, valid or not): the one
+    kind of file `plan -o` may replace, since a plan wrote it."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(document, dict) and {"format_version", "tensors"} <= set(document)
 
 
 def save_map(source_map: "SourceMap", path: str) -> None:

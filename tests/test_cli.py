@@ -98,6 +98,23 @@ def test_an_unwritable_output_is_refused_before_scoring(
     assert _empty(isolated_score_cache)  # refused before any tensor was scored
 
 
+def test_plan_overwrites_a_map_but_never_another_file(
+    tmp_path, qwen_trio, isolated_score_cache
+):
+    recipe = write_recipe(tmp_path / "r.yml", qwen_trio["base"], [qwen_trio["one"]])
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": true}')
+    done = CliRunner().invoke(main, ["plan", str(recipe), "-o", str(notes)])
+    assert done.exit_code == 1 and "exists and is not a source map" in done.output
+    assert str(notes) in done.output and notes.read_text() == '{"mine": true}'
+    assert _empty(isolated_score_cache)  # refused before any tensor was scored
+    plan_file = tmp_path / "plan.json"
+    for _ in range(2):  # the second run replaces the map the first one wrote
+        done = CliRunner().invoke(main, ["plan", str(recipe), "-o", str(plan_file)])
+        assert done.exit_code == 0, done.output
+    assert SourceMap.load(plan_file).tensors
+
+
 @pytest.mark.parametrize(
     "change, says",
     [
