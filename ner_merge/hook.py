@@ -99,17 +99,24 @@ class _AfterImportFinder:
 
 def _is_ner_merge(argv: list[str]) -> bool:
     """Whether this process is `mergekit-yaml` given a recipe with
-    `merge_method: ner` (read cheaply: no YAML parser at interpreter start)."""
+    `merge_method: ner` (read cheaply: no YAML parser at interpreter start).
+
+    The recipe is the first argument that is a readable file: an option's value
+    (`--out-shard-size 1M`) may come before it, and OUT is a folder.
+    """
     if not argv or os.path.basename(argv[0]) != "mergekit-yaml":
         return False
-    recipe = next((arg for arg in argv[1:] if not arg.startswith("-")), None)
-    try:
-        with open(recipe, encoding="utf-8") as file:
-            lines = file.read(1 << 16).splitlines()
-    except (OSError, TypeError, ValueError):
-        return False
-    wanted = {"merge_method:ner", "merge_method:'ner'", 'merge_method:"ner"'}
-    return any(line.split("#")[0].replace(" ", "") in wanted for line in lines)
+    for argument in argv[1:]:
+        if argument.startswith("-") or not os.path.isfile(argument):
+            continue
+        try:
+            with open(argument, encoding="utf-8") as file:
+                lines = file.read(1 << 16).splitlines()
+        except (OSError, ValueError):
+            return False
+        wanted = {"merge_method:ner", "merge_method:'ner'", 'merge_method:"ner"'}
+        return any(line.split("#")[0].replace(" ", "") in wanted for line in lines)
+    return False
 
 
 def install() -> None:

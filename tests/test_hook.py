@@ -108,6 +108,7 @@ def test_passive_threads_only_for_ner_merges(tmp_path):
     linear.write_text("merge_method: linear\n# merge_method: ner\n")
     assert _is_ner_merge(["/venv/bin/mergekit-yaml", str(ner), "out", "--cuda"])
     assert _is_ner_merge(["mergekit-yaml", "--quiet", str(ner), "out"])
+    assert _is_ner_merge(["mergekit-yaml", "--out-shard-size", "1M", str(ner), "o"])
     assert not _is_ner_merge(["mergekit-yaml", str(linear), "out"])
     assert not _is_ner_merge(["mergekit-yaml", str(tmp_path / "missing.yml")])
     assert not _is_ner_merge(["python", str(ner)])
