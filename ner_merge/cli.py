@@ -130,6 +130,19 @@ def save_map(source_map: "SourceMap", path: str) -> None:
     "--device",
     help="Score on this torch device, e.g. cuda:1 or auto (as mergekit-yaml's).",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    help="Tensors scored side by side, one thread each (default: from the cores "
+    "and memory; $NER_MERGE_WORKERS). The map is the same for any count.",
+)
+@click.option(
+    "--ray",
+    "ray_address",
+    metavar="ADDRESS",
+    help="Score on this Ray cluster (an address, or auto; $NER_MERGE_RAY). "
+    "Needs ner-merge[ray].",
+)
 def plan_command(
     recipe_file: str,
     output: str | None,
@@ -137,6 +150,8 @@ def plan_command(
     quiet: bool,
     cuda: bool,
     device: str | None,
+    workers: int | None,
+    ray_address: str | None,
 ) -> None:
     """Score RECIPE_FILE's models and write or show the source map, merging nothing.
 
@@ -150,13 +165,15 @@ def plan_command(
     from ner_merge.planner import plan
     from ner_merge.recipe import Recipe
     from ner_merge.report import plan_table
+    from ner_merge.workers import choose_workers
 
     try:
         recipe = Recipe.from_file(recipe_file)
         if output:
             check_output_file(output)
         options = MergeOptions(cuda=cuda, device=device, quiet=quiet)
-        source_map = plan(recipe, options, quiet=quiet)
+        scorers = choose_workers(workers, ray_address)
+        source_map = plan(recipe, options, quiet=quiet, workers=scorers)
     except NerMergeError as error:
         raise click.ClickException(str(error)) from error
     if show:

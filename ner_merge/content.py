@@ -30,6 +30,7 @@ import blake3
 import torch
 
 from ner_merge.cache import write_json_atomically
+from ner_merge.errors import ModelError
 from ner_merge.reader import TensorHeader, as_tensor, read_bytes
 
 LOG = logging.getLogger(__name__)
@@ -159,6 +160,18 @@ class ModelContent:
         data = read_bytes(header)
         self._digests[name] = digest(header, data)
         return as_tensor(header, data)
+
+    def record(self, name: str, found: TensorDigest) -> None:
+        """Keep a digest a worker computed; one that differs from the digest
+        already known means other bytes were read (a file rewritten meanwhile,
+        or another file at that path on a cluster's worker)."""
+        known = self._digests.setdefault(name, found)
+        if known != found:
+            raise ModelError(
+                f"model {self.name}: tensor {name} was read with other bytes than "
+                f"before ({self.headers[name].path} changed, or a worker sees "
+                "another file at that path)"
+            )
 
     def digest(self, name: str) -> TensorDigest:
         """The tensor's digest, read (and kept) if not yet known."""

@@ -31,6 +31,24 @@ HUB_BIN_PATTERNS = ["pytorch_model*.bin"]
 
 
 @dataclass(frozen=True)
+class HubFile:
+    """One file of a Hub snapshot: what a machine without the driver's copy of
+    the snapshot (a cluster's worker) needs to fetch the very same file."""
+
+    repo_id: str
+    revision: str  # the commit the driver resolved
+    filename: str  # inside the snapshot
+
+    def local_path(self) -> str:
+        """The file in this machine's Hub cache, downloaded there if allowed."""
+        import huggingface_hub
+
+        return huggingface_hub.hf_hub_download(
+            self.repo_id, self.filename, revision=self.revision
+        )
+
+
+@dataclass(frozen=True)
 class ResolvedModel:
     """A recipe model found on disk."""
 
@@ -72,6 +90,13 @@ class ResolvedModel:
                 f"model {self.name}: cannot read {self.path}/config.json "
                 f"({type(error).__name__}: {error})"
             ) from None
+
+    def hub_file(self, path: str) -> HubFile | None:
+        """The Hub file behind one of this model's files; None for a local model."""
+        if self.revision is None:
+            return None
+        repo_id = ModelReference.parse(self.name).model.path
+        return HubFile(repo_id, self.revision, os.path.relpath(path, self.path))
 
     @cached_property
     def content(self) -> ModelContent:

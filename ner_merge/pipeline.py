@@ -42,6 +42,7 @@ from ner_merge.scoring import (
 from ner_merge.selection import Selection, SelectionError, group_tensors, reconcile
 from ner_merge.source_map import SOURCE_MAP_FILE, SourceMap
 from ner_merge.vocabulary import vocabulary_alignment
+from ner_merge.workers import choose_workers
 
 LOG = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ def merge(
 ) -> SourceMap:
     """Plan (or check the given map), run mergekit's merge, publish OUT atomically."""
     check_device(merge_options)
+    # $NER_MERGE_WORKERS or $NER_MERGE_RAY, checked before any model is read
+    workers = None if recipe.options.source_map else choose_workers()
     models = resolve_models(recipe)
     check_base_tokenizer(recipe, models[0].path, merge_options)
     output = OutputFolder(out_path, [model.path for model in models])
@@ -95,7 +98,7 @@ def merge(
         if recipe.options.source_map:
             source_map = checked_source_map(recipe, models, merge_options)
         else:
-            source_map = plan(recipe, merge_options, models=models)
+            source_map = plan(recipe, merge_options, models=models, workers=workers)
         config_source = config_source or recipe.config.to_yaml()
         with output.staged() as staging:
             map_path = staging / SOURCE_MAP_FILE

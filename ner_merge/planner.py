@@ -27,6 +27,7 @@ from ner_merge.scoring import (
 from ner_merge.selection import Selection, SelectionError, choose, group_tensors
 from ner_merge.source_map import ModelEntry, SourceMap
 from ner_merge.vocabulary import vocabulary_alignment
+from ner_merge.workers import Workers, choose_workers
 
 
 def plan(
@@ -34,8 +35,14 @@ def plan(
     merge_options: MergeOptions | None = None,
     quiet: bool = False,
     models: list[ResolvedModel] | None = None,
+    workers: Workers | None = None,
 ) -> SourceMap:
-    """Score the recipe's models and return the source map of the merge."""
+    """Score the recipe's models and return the source map of the merge.
+
+    `workers` default to $NER_MERGE_RAY or $NER_MERGE_WORKERS, else local
+    workers as many as the cores and memory allow (`ner_merge.workers`).
+    """
+    workers = workers or choose_workers()
     merge_options = merge_options or MergeOptions()
     check_device(merge_options)
     models = models or resolve_models(recipe)
@@ -65,6 +72,7 @@ def plan(
         quiet=quiet or merge_options.quiet,
         cache=ScoreCache(cache_dir, scoring.cache_options) if cache_dir else None,
         device=merge_options.device,
+        workers=workers,
     )
     try:
         choices = choose(grouping, scores, names, nonfinite_copies(tensors, models))

@@ -1,16 +1,23 @@
 """Scoring: every model's score of every tensor the rules need, streamed.
 
-Reading is one tensor of one model at a time, into a buffer of its own
-(`ner_merge.reader`), so scoring a 7B trio holds one matrix and its Gram matrix,
-never a model (token-indexed tensors under a tokenizer option are the exception:
-mergekit aligns all models' copies together, see vocabulary.py). Every copy read
-is hashed (`ner_merge.content`); scores already in the score cache under that
-hash are neither read nor computed again.
+A worker reads one copy of one tensor at a time, into a buffer of its own
+(`ner_merge.reader`), so scoring a 7B trio holds one matrix and its Gram matrix
+per worker, never a model (token-indexed tensors under a tokenizer option are
+the exception: mergekit aligns all models' copies together, see vocabulary.py).
+Every copy read is hashed (`ner_merge.content`); scores already in the score
+cache under that hash are neither read nor computed again. Workers run in this
+process (`ner_merge.workers`) or on a Ray cluster (`ner_merge.cluster`), and
+give the same scores to the last bit either way.
 """
 
 import logging
+import math
+import os
+import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 import tqdm
@@ -18,9 +25,10 @@ from mergekit.common import ModelReference
 from mergekit.options import MergeOptions
 
 from ner_merge.cache import ScoreCache
+from ner_merge.content import TensorDigest, digest
 from ner_merge.errors import ModelError, NerMergeError
 from ner_merge.inventory import OutputTensor
-from ner_merge.models import ResolvedModel
+from ner_merge.models import HubFile, ResolvedModel
 from ner_merge.ner import (
     KERNEL_VERSION,
     NonFiniteMatrixError,
@@ -33,9 +41,11 @@ from ner_merge.nerd import (
     stabilize,
     stabilizes,
 )
+from ner_merge.reader import TensorHeader, as_tensor, read_bytes
 from ner_merge.selection import TensorSpec
 from ner_merge.source_map import TensorChoice
 from ner_merge.vocabulary import VocabularyAlignment
+from ner_merge.workers import LocalWorkers, Workers, one_thread_per_score
 
 LOG = logging.getLogger(__name__)
 
@@ -99,6 +109,7 @@ NERD_SCORING = Scoring(
     lambda t: t.is_float and scores_like_nerd(t.name, t.shape),
     nerd_score,
 )
+SCORINGS = {scoring.name: scoring for scoring in (SPEC_SCORING, NERD_SCORING)}
 
 
 class CopyReader:
@@ -142,6 +153,112 @@ class CopyReader:
         return copy if dtype is None else copy.to(dtype)
 
 
+@dataclass(frozen=True)
+class CopyJob:
+    """One model's copy of one tensor, to read, digest and score: all a worker
+    needs, in this process or on another machine (`ner_merge.cluster`)."""
+
+    where: str  # "model NAME: tensor NAME", for messages
+    header: TensorHeader
+    scoring: str  # a key of SCORINGS
+    version: int  # the scoring's version where the job was made
+    device: str | None = None
+    hub_file: HubFile | None = None  # where a worker lacking the path finds it
+
+
+@dataclass(frozen=True)
+class ScoredCopy:
+    """What a worker found: the copy's digest and score (None: not finite, so not
+    scored); `fresh` when computed, not taken from the cache."""
+
+    digest: TensorDigest
+    score: float | None
+    fresh: bool = True
+
+
+class SharedScores:
+    """Scores by content hash for the workers of one run: the cache's, and those
+    being computed, so a copy whose bytes another worker is scoring (a tensor a
+    fine-tune left alone) waits for that score instead of computing it again."""
+
+    def __init__(self, cache: ScoreCache | None) -> None:
+        self.cache = cache
+        self._lock = threading.Lock()
+        self._scores: dict[str, Future] = {}
+
+    def score(
+        self, tensor_hash: str, compute: Callable[[], float]
+    ) -> tuple[float, bool]:
+        """The score of these bytes: cached, computed by another worker, or
+        computed here by `compute` (then `fresh`)."""
+        with self._lock:
+            owner = tensor_hash not in self._scores
+            future = self._scores.setdefault(tensor_hash, Future())
+        if not owner:
+            return future.result(), False
+        try:
+            score = self.cache.get(tensor_hash) if self.cache else None
+            fresh = score is None
+            future.set_result(compute() if fresh else score)
+        except BaseException as error:
+            future.set_exception(error)
+            raise
+        return future.result(), fresh
+
+
+def score_copy(
+    job: CopyJob, scoring: Scoring, shared: SharedScores | None = None
+) -> ScoredCopy:
+    """Read, digest and score one copy; `shared` may already know its score.
+
+    Scoring runs in whatever thread limits the caller set: the workers hold
+    them at one thread (`ner_merge.workers`), so scores never depend on where
+    they were computed.
+    """
+    header = job.header
+    if job.hub_file is not None and not os.path.exists(header.path):
+        header = replace(header, path=job.hub_file.local_path())
+    try:
+        data = read_bytes(header)
+    except OSError as error:
+        raise ModelError(f"{job.where}: cannot read {header.path} ({error})") from None
+    found = digest(header, data)
+    if not found.finite:
+        return ScoredCopy(found, None)
+
+    def compute() -> float:
+        copy = as_tensor(header, data)
+        return scoring.score(copy.to(job.device) if job.device else copy)
+
+    if shared is None:
+        return ScoredCopy(found, compute())
+    score, fresh = shared.score(found.hash, compute)
+    return ScoredCopy(found, score, fresh)
+
+
+def score_elsewhere(job: CopyJob) -> ScoredCopy:
+    """`score_copy` in another process (a cluster's worker): the scoring named by
+    the job, if it is the version the plan asked for, at one thread."""
+    scoring = SCORINGS[job.scoring]
+    if scoring.version != job.version:
+        raise NerMergeError(
+            f"{job.where}: this worker scores {job.scoring} version "
+            f"{scoring.version}, the plan asked for {job.version}; install the "
+            "same ner-merge everywhere"
+        )
+    with one_thread_per_score():
+        return score_copy(job, scoring)
+
+
+def working_set(header: TensorHeader) -> int:
+    """Most bytes one copy's scoring holds: its stored bytes, a float64 copy and
+    two float64 matrices as wide as its narrow side (the Gram matrix and LAPACK's
+    workspace)."""
+    numel = math.prod(header.shape)
+    narrow = min(header.shape) if header.shape else 1
+    return header.end - header.start + 8 * (numel + 2 * narrow * narrow)
+
+
 def score_matrices(
     tensors: list[OutputTensor],
     models: list[ResolvedModel],
@@ -151,64 +268,97 @@ def score_matrices(
     quiet: bool = False,
     cache: ScoreCache | None = None,
     device: str | None = None,
+    workers: Workers | None = None,
 ) -> dict[str, list[float | None]]:
-    """Every model's score of every given tensor, streamed one tensor at a time.
+    """Every model's score of every given tensor.
 
     A copy holding NaN or Inf stops the plan, naming model and tensor, unless
     `nonfinite` is "lose": then its score is None, which loses to any number.
     The cache is keyed on each copy's content hash: a copy whose hash is known
     (its file is indexed) and scored is not even read; a copy read for its hash
     may still find its score (another model stores the same bytes). Each new
-    score is stored at once, so an interrupted plan keeps its work. Aligned
-    copies (`CopyReader.is_aligned`) depend on every model's vocabulary at once,
-    so they bypass the cache. Scoring runs on `device` (mergekit's --device).
+    score is stored at once, so an interrupted plan keeps its work.
+
+    The other copies are scored by `workers` (one local worker by default), each
+    at one BLAS thread, so the scores are the same bits whatever the workers.
+    Aligned copies (`CopyReader.is_aligned`) depend on every model's vocabulary
+    at once: they are scored here, bypassing the cache. Scoring runs on `device`
+    (mergekit's --device).
     """
-    scores: dict[str, list[float | None]] = {}
+    workers = workers or LocalWorkers(1)
+    scores = {tensor.name: [None] * len(models) for tensor in tensors}
+    aligned = [tensor for tensor in tensors if reader.is_aligned(tensor)]
+    jobs, places = [], []
+    for tensor in tensors:
+        if reader.is_aligned(tensor):
+            continue
+        for index, (model, stored) in enumerate(zip(models, tensor.stored_names)):
+            known = model.content.known(stored)
+            score = cache.get(known.hash) if cache and known else None
+            if score is not None:
+                scores[tensor.name][index] = score
+                continue
+            header = model.headers[stored]
+            where = f"model {model.name}: tensor {stored}"
+            job = CopyJob(where, header, scoring.name, scoring.version, device)
+            jobs.append(replace(job, hub_file=model.hub_file(header.path)))
+            places.append((tensor.name, index, stored))
+    largest = max((working_set(job.header) for job in jobs), default=0)
+    total = len(tensors) * len(models)
     progress = tqdm.tqdm(
-        total=len(tensors) * len(models),
-        desc="NER scoring",
+        total=total,
+        initial=total - len(jobs) - len(aligned) * len(models),
+        desc=f"NER scoring ({workers.describe(largest)})",
         unit="tensor",
         disable=quiet,
     )
-    with progress:
-        for tensor in tensors:
-            aligned = reader.copies(tensor) if reader.is_aligned(tensor) else None
-            usable = None if aligned else cache
-            row = []
-            for index, (model, stored) in enumerate(zip(models, tensor.stored_names)):
-                known = model.content.known(stored)
-                score = usable.get(known.hash) if usable and known else None
-                if score is None:
-                    copy = next(aligned) if aligned else reader.copy(tensor, index)
-                    tensor_hash = model.content.known(stored).hash
-                    if usable and not known:  # another model's identical copy?
-                        score = usable.get(tensor_hash)
-                    if score is None:
-                        where = f"model {model.name}: tensor {stored}"
-                        score = _score(copy, scoring, device, nonfinite, where)
-                        if usable and score is not None:
-                            usable.put(tensor_hash, score)
-                    del copy
-                row.append(score)
+    with progress, one_thread_per_score():
+        if workers.in_process:
+            function = partial(score_copy, scoring=scoring, shared=SharedScores(cache))
+        else:  # results come back here, to be stored in the cache
+            function = score_elsewhere
+        finished = workers.run(function, jobs, largest)
+        for number, scored in finished:
+            name, index, stored = places[number]
+            models[index].content.record(stored, scored.digest)
+            score = _checked(scored.score, nonfinite, jobs[number].where)
+            if cache and scored.fresh and score is not None:
+                cache.put(scored.digest.hash, score)
+            scores[name][index] = score
+            progress.update()
+        for tensor in aligned:
+            for index, copy in enumerate(reader.copies(tensor)):
+                stored = tensor.stored_names[index]
+                where = f"model {models[index].name}: tensor {stored}"
+                score = _score(copy, scoring, device, nonfinite, where)
+                scores[tensor.name][index] = score
                 progress.update()
-            scores[tensor.name] = row
     return scores
+
+
+def _checked(score: float | None, nonfinite: str, where: str) -> float | None:
+    """A worker's score; None (a copy holding NaN or Inf) is refused unless
+    `nonfinite` is "lose"."""
+    if score is not None:
+        return score
+    if nonfinite != "lose":
+        raise ModelError(
+            f"{where} holds NaN or Inf values (set `nonfinite: lose` to let "
+            "such copies lose instead)"
+        )
+    LOG.warning("%s holds NaN or Inf; it loses this tensor", where)
+    return None
 
 
 def _score(
     copy: torch.Tensor, scoring: Scoring, device: str | None, nonfinite: str, where: str
 ) -> float | None:
-    """One copy's score; None for a non-finite copy when `nonfinite` is "lose"."""
+    """One aligned copy's score; None for a non-finite copy when `nonfinite` is
+    "lose"."""
     try:
         return scoring.score(copy.to(device) if device else copy)
     except NonFiniteMatrixError:
-        if nonfinite != "lose":
-            raise ModelError(
-                f"{where} holds NaN or Inf values (set `nonfinite: lose` to let "
-                "such copies lose instead)"
-            ) from None
-        LOG.warning("%s holds NaN or Inf; it loses this tensor", where)
-        return None
+        return _checked(None, nonfinite, where)
 
 
 def nonfinite_copies(

@@ -70,15 +70,17 @@ NERD_RANGE_FLOOR = 1e-10  # its min-max scaling's denominator floor
 # ---- building the models -------------------------------------------------------
 
 
-def build_trio(root: Path, layers: int, scale: dict) -> list[Path]:
-    """Base + two fine-tunes (base plus noise of varied scale), bf16, built once."""
+def build_trio(root: Path, layers: int, scale: dict, count: int = 3) -> list[Path]:
+    """Base + `count - 1` fine-tunes (base plus noise of varied scale), bf16,
+    built once."""
     import transformers
     from safetensors.torch import save_file
 
     settings = dict(scale, num_hidden_layers=layers, tie_word_embeddings=True)
     config = transformers.Qwen2Config(**settings, architectures=["Qwen2ForCausalLM"])
     folder = root / f"qwen2-{scale['hidden_size']}w-{layers}l"
-    paths = [folder / name for name in MODEL_NAMES]
+    names = [*MODEL_NAMES, *(f"tuned-{seed}" for seed in range(3, count))][:count]
+    paths = [folder / name for name in names]
     if all((p / "model.safetensors").exists() for p in paths):
         return paths
     with torch.device("meta"):
@@ -94,9 +96,9 @@ def build_trio(root: Path, layers: int, scale: dict) -> list[Path]:
         else torch.ones(shape).bfloat16()
         for name, shape in shapes.items()
     }
-    for path, seed in zip(paths, (None, 1, 2)):
+    for seed, path in enumerate(paths):
         tensors = base
-        if seed is not None:
+        if seed:
             generator.manual_seed(seed)
             tensors = {
                 name: (

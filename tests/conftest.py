@@ -35,3 +35,12 @@ def trios(tmp_path_factory):
 @pytest.fixture(scope="session")
 def qwen_trio(trios) -> dict[str, Path]:
     return trios("qwen2")
+
+
+@pytest.fixture(scope="session")
+def wide_trio(tmp_path_factory) -> dict[str, Path]:
+    """A trio 1024 wide: BLAS threads its products (so a score could depend on
+    the thread count), and a worker is caught scoring a matrix (a tenth of a
+    second each)."""
+    root = tmp_path_factory.mktemp("wide-trio")
+    return build_trio(root, "qwen2", hidden_size=1024, intermediate_size=2048)

@@ -17,6 +17,7 @@ from ner_merge.errors import SourceMapError
 from ner_merge.models import ResolvedModel
 from ner_merge.planner import plan
 from ner_merge.recipe import Recipe
+from ner_merge.workers import LocalWorkers
 from tests import pico
 from tests.helpers import reference_ner, run_merge, write_recipe
 
@@ -166,7 +167,9 @@ def test_a_fine_tune_that_changed_one_matrix_is_told_apart(tmp_path, wide_base):
     assert all(c.source == str(wide_base) for c in others)  # equal copies: base
 
 
-def test_identical_copies_are_scored_once(tmp_path, wide_base, monkeypatch):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_identical_copies_are_scored_once(tmp_path, wide_base, monkeypatch, workers):
+    """Also when two workers read identical copies at the same moment."""
     tuned = _with_one_matrix_replaced(wide_base, tmp_path / "tuned")
     calls = []
     counting = scoring.Scoring(
@@ -176,6 +179,7 @@ def test_identical_copies_are_scored_once(tmp_path, wide_base, monkeypatch):
     source_map = plan(
         Recipe.from_file(write_recipe(tmp_path / "r.yml", wide_base, [tuned])),
         quiet=True,
+        workers=LocalWorkers(workers),
     )
     assert len(calls) == sum(1 for c in source_map.tensors.values() if c.scores) + 1
 

@@ -1,0 +1,169 @@
+"""Where scores are computed: in this process, by one or more worker threads.
+
+A score must not depend on where or beside what it was computed, or a map would
+change with the machine's core count: BLAS and LAPACK sum in an order that
+depends on their thread count, and the same matrix scored with 1 and 2 threads
+differed in its last bit for 41 of 87 matrices here. So every score is computed
+by one thread (`one_thread_per_score`), and parallelism comes from scoring
+whole tensors side by side: N workers give the very bytes one worker gives.
+
+Threads suffice because the work happens in BLAS, LAPACK, torch and file reads,
+which all release the GIL; they share the score cache and the content index
+without any copy, and each holds one tensor and its float64 working set, so
+memory grows by one such set per worker.
+
+`ner_merge.cluster` runs the same jobs on a Ray cluster, with the same interface:
+`run(function, jobs)` yields `(index, result)` pairs in the order jobs finish.
+"""
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from typing import Protocol, TypeVar
+
+from ner_merge.errors import NerMergeError
+
+Job = TypeVar("Job")
+Result = TypeVar("Result")
+
+# The environment variables that choose the workers where no option can:
+# a plan run by `mergekit-yaml`.
+WORKERS_VARIABLE = "NER_MERGE_WORKERS"
+RAY_VARIABLE = "NER_MERGE_RAY"
+
+# Share of the available memory the default worker count may plan to use.
+MEMORY_SHARE = 0.5
+
+
+class Workers(Protocol):
+    """What runs scoring jobs: `LocalWorkers`, or `ner_merge.cluster.RayWorkers`."""
+
+    in_process: bool  # jobs may share objects with the caller (the cache)
+
+    def describe(self, working_set: int) -> str:
+        """A few words for the progress bar."""
+
+    def run(
+        self, function: Callable[[Job], Result], jobs: Sequence[Job], working_set: int
+    ) -> Iterator[tuple[int, Result]]:
+        """function(job) for every job, yielded as `(index, result)` as each
+        finishes; jobs not yet started are cancelled when the caller stops."""
+
+
+@contextmanager
+def one_thread_per_score() -> Iterator[None]:
+    """BLAS, LAPACK and torch each use one thread inside this block.
+
+    The limits are process-wide, so the block wraps the whole scoring phase, not
+    each score: worker threads started inside it inherit them.
+    """
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1):
+            yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+class LocalWorkers:
+    """`count` threads of this process, each scoring one tensor at a time; None
+    chooses the count from the cores and memory (`default_count`)."""
+
+    in_process = True
+
+    def __init__(self, count: int | None = None) -> None:
+        self.count = count
+
+    def describe(self, working_set: int) -> str:
+        count = self.count or default_count(working_set)
+        return f"{count} worker{'s' if count > 1 else ''}"
+
+    def run(
+        self,
+        function: Callable[[Job], Result],
+        jobs: Sequence[Job],
+        working_set: int = 0,
+    ) -> Iterator[tuple[int, Result]]:
+        """function(job) for every job, yielded as each finishes.
+
+        `working_set` is the most bytes one job may hold, which bounds the default
+        count. Closing the iterator early (an error in the caller) cancels the
+        jobs not yet started; those running finish first.
+        """
+        count = min(self.count or default_count(working_set), max(len(jobs), 1))
+        if count == 1:  # no thread to start: the caller's own, in order
+            yield from ((index, function(job)) for index, job in enumerate(jobs))
+            return
+        with ThreadPoolExecutor(count, thread_name_prefix="ner-score") as pool:
+            pending = {
+                pool.submit(function, job): index for index, job in enumerate(jobs)
+            }
+            try:
+                while pending:
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        yield pending.pop(future), future.result()
+            finally:
+                for future in pending:
+                    future.cancel()
+
+
+def default_count(working_set: int) -> int:
+    """As many workers as usable cores, fewer if their working sets would take
+    more than MEMORY_SHARE of the available memory; at least one."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    if working_set <= 0:
+        return max(cores, 1)
+    by_memory = int(available_memory() * MEMORY_SHARE) // working_set
+    return max(1, min(cores, by_memory))
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new work: MemAvailable (free memory plus the
+    page cache the kernel can drop), or free pages where /proc is missing."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def choose_workers(count: int | None = None, ray_address: str | None = None) -> Workers:
+    """The workers a plan uses: those the options ask for (`--workers`, `--ray`),
+    else $NER_MERGE_WORKERS or $NER_MERGE_RAY, else local workers as many as
+    `default_count` allows. Asking for both kinds at once is refused."""
+    if count is None and ray_address is None:
+        count, ray_address = _count_variable(), os.environ.get(RAY_VARIABLE) or None
+        given = f"${WORKERS_VARIABLE} and ${RAY_VARIABLE}"
+    else:
+        given = "--workers and --ray"
+    if count is not None and ray_address:
+        raise NerMergeError(
+            f"{given}: choose local workers or a Ray cluster, not both (a "
+            "cluster's size is its own)"
+        )
+    if ray_address:
+        from ner_merge.cluster import RayWorkers
+
+        return RayWorkers(ray_address)
+    return LocalWorkers(count)
+
+
+def _count_variable() -> int | None:
+    """$NER_MERGE_WORKERS as a count, None where unset."""
+    value = os.environ.get(WORKERS_VARIABLE, "")
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise NerMergeError(
+            f"${WORKERS_VARIABLE}={value!r}: give a number of workers, 1 or more"
+        )
+    return int(value)
