@@ -16,6 +16,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import closing
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -317,15 +318,17 @@ def score_matrices(
             function = partial(score_copy, scoring=scoring, shared=SharedScores(cache))
         else:  # results come back here, to be stored in the cache
             function = score_elsewhere
-        finished = workers.run(function, jobs, largest)
-        for number, scored in finished:
-            name, index, stored = places[number]
-            models[index].content.record(stored, scored.digest)
-            score = _checked(scored.score, nonfinite, jobs[number].where)
-            if cache and scored.fresh and score is not None:
-                cache.put(scored.digest.hash, score)
-            scores[name][index] = score
-            progress.update()
+        # closing(): an error below stops the workers now, not when the
+        # traceback holding this frame is freed.
+        with closing(workers.run(function, jobs, largest)) as finished:
+            for number, scored in finished:
+                name, index, stored = places[number]
+                models[index].content.record(stored, scored.digest)
+                score = _checked(scored.score, nonfinite, jobs[number].where)
+                if cache and scored.fresh and score is not None:
+                    cache.put(scored.digest.hash, score)
+                scores[name][index] = score
+                progress.update()
         for tensor in aligned:
             for index, copy in enumerate(reader.copies(tensor)):
                 stored = tensor.stored_names[index]

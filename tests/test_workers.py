@@ -6,13 +6,15 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from ner_merge.cache import CACHE_DIR_VARIABLE
-from ner_merge.errors import NerMergeError
+from ner_merge.errors import ModelError, NerMergeError
 from ner_merge.models import HubFile, ResolvedModel
 from ner_merge.planner import plan
 from ner_merge.recipe import Recipe
@@ -134,3 +136,21 @@ def test_a_worker_without_the_drivers_path_reads_the_same_hub_commit(
     on_worker = score_copy(job, SPEC_SCORING)
     assert on_worker == on_driver
     assert on_worker.score is not None
+
+
+def test_an_error_stops_the_workers_before_the_plan_says_it(wide_trio, tmp_path):
+    """A copy holding NaN ends the plan at once: no worker goes on scoring the
+    rest behind the error (a mergekit-yaml run would hang on them at exit)."""
+    poisoned = tmp_path / "one"
+    shutil.copytree(wide_trio["one"], poisoned)
+    tensors = load_file(poisoned / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.weight"].view(-1)[0] = float("nan")
+    save_file(tensors, poisoned / "model.safetensors", metadata={"format": "pt"})
+    recipe = write_recipe(tmp_path / "r.yml", wide_trio["base"], [poisoned])
+    with pytest.raises(ModelError, match="q_proj.weight holds NaN or Inf") as error:
+        plan(Recipe.from_file(recipe), quiet=True, workers=LocalWorkers(2))
+    # The error is still held (as click holds it, chained to its own), and with
+    # it the frames of the plan: the workers must be stopped all the same.
+    assert error.value.__traceback__ is not None
+    scoring = [t for t in threading.enumerate() if t.name.startswith("ner-score")]
+    assert not scoring
