@@ -14,11 +14,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ner_merge.cache import CACHE_DIR_VARIABLE
+from ner_merge.content import TensorDigest
 from ner_merge.errors import ModelError, NerMergeError
 from ner_merge.models import HubFile, ResolvedModel
 from ner_merge.planner import plan
 from ner_merge.recipe import Recipe
-from ner_merge.scoring import SPEC_SCORING, CopyJob, score_copy
+from ner_merge.scoring import SPEC_SCORING, CopyJob, score_copy, score_elsewhere
 from ner_merge.workers import LocalWorkers, choose_workers
 from tests.helpers import write_recipe
 from tests.test_hub import add_to_cache
@@ -154,3 +155,20 @@ def test_an_error_stops_the_workers_before_the_plan_says_it(wide_trio, tmp_path)
     assert error.value.__traceback__ is not None
     scoring = [t for t in threading.enumerate() if t.name.startswith("ner-score")]
     assert not scoring
+
+
+def test_a_worker_of_another_version_refuses_the_job(qwen_trio):
+    model = ResolvedModel("one", str(qwen_trio["one"]), None)
+    job = CopyJob("model one: tensor m", model.headers[MATRIX], "ner", -1)
+    with pytest.raises(NerMergeError, match="this worker scores ner version"):
+        score_elsewhere(job)
+
+
+def test_a_digest_from_other_bytes_than_planned_is_refused(qwen_trio):
+    """What the driver does with a worker that read another file at that path."""
+    model = ResolvedModel("one", str(qwen_trio["one"]), None)
+    known = model.content.digest(MATRIX)
+    model.content.record(MATRIX, known)  # the same bytes: accepted
+    other = TensorDigest("0" * 64, True)
+    with pytest.raises(ModelError, match=f"tensor {MATRIX} was read with other bytes"):
+        model.content.record(MATRIX, other)
