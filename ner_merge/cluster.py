@@ -13,6 +13,8 @@ Ray is an optional extra (`pip install 'ner-merge[ray]'`); the cluster's
 workers need ner-merge installed at the same version (each task checks).
 """
 
+import importlib.util
+import ipaddress
 import logging
 import os
 import shutil
@@ -20,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -34,8 +37,10 @@ Result = TypeVar("Result")
 # error raised by the task itself is final).
 TASK_RETRIES = 3
 
-# How long a cluster's address may take to accept a connection.
-CONNECT_SECONDS = 10
+# How long a cluster's address may take to accept a TCP connection, and Ray to
+# connect to the cluster there.
+PROBE_SECONDS = 10
+CONNECT_SECONDS = 60
 
 
 class RayWorkers:
@@ -44,17 +49,22 @@ class RayWorkers:
 
     in_process = False  # jobs and results travel between processes
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, given_as: str = "--ray") -> None:
         """Connect now, so that a wrong address is said before any model is read;
-        the connection lasts as long as this process."""
+        the connection lasts as long as this process. `given_as` names where
+        the address came from, for messages."""
         self.address = address
-        try:
-            import ray
-        except ImportError:
+        self.named = f"{given_as}{' ' if given_as.startswith('-') else '='}{address}"
+        if importlib.util.find_spec("ray") is None:
             raise NerMergeError(
-                f"--ray {address}: Ray is not installed; install it with "
+                f"{self.named}: Ray is not installed; install it with "
                 "pip install 'ner-merge[ray]'"
-            ) from None
+            )
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        if host and port.isdigit():
+            self._check_reachable(host, int(port))
+        import ray
+
         if not ray.is_initialized():
             self._connect(ray)
 
@@ -87,33 +97,53 @@ class RayWorkers:
                 ray.cancel(reference)
 
     def _connect(self, ray) -> None:
-        self._check_reachable()
-        try:
-            ray.init(
-                address=self.address,
-                log_to_driver=False,
-                logging_level=logging.WARNING,
+        """ray.init, for at most CONNECT_SECONDS: Ray itself waits for a cluster
+        it cannot reach without end."""
+        failure: list[BaseException] = []
+
+        def connect() -> None:
+            try:
+                ray.init(
+                    address=self.address,
+                    log_to_driver=False,
+                    logging_level=logging.WARNING,
+                )
+            except Exception as error:  # ConnectionError, ValueError, RuntimeError
+                failure.append(error)
+
+        connecting = threading.Thread(target=connect, daemon=True)
+        connecting.start()
+        connecting.join(CONNECT_SECONDS)
+        if connecting.is_alive():
+            raise NerMergeError(
+                f"{self.named}: no Ray cluster answered within {CONNECT_SECONDS} s"
             )
-        except Exception as error:  # ConnectionError, ValueError, RuntimeError
+        if failure:
+            error = failure[0]
             reason = next(iter(str(error).strip().splitlines()), "")
             raise NerMergeError(
-                f"--ray {self.address}: cannot connect to a Ray cluster there "
+                f"{self.named}: cannot connect to a Ray cluster there "
                 f"({type(error).__name__}: {reason})"
-            ) from None
+            )
 
-    def _check_reachable(self) -> None:
-        """Ray waits for an address that does not answer without end: a host:port
-        address is tried here first, for CONNECT_SECONDS."""
-        host, _, port = self.address.removeprefix("ray://").rpartition(":")
-        if not host or not port.isdigit():
-            return  # "auto", or a form Ray parses itself
+    def _check_reachable(self, host: str, port: int) -> None:
+        """Refuse an address where nothing listens, and keep Ray on loopback for a
+        cluster that listens there only.
+
+        Ray replaces a loopback address by this machine's own address, where a
+        cluster started with `--node-ip-address 127.0.0.1` does not listen; it
+        keeps loopback only with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which is
+        read when Ray is imported, so it is set (unless the user set it) here.
+        """
         try:
-            socket.create_connection((host, int(port)), CONNECT_SECONDS).close()
+            socket.create_connection((host, port), PROBE_SECONDS).close()
         except OSError as error:
             raise NerMergeError(
-                f"--ray {self.address}: cannot connect to a Ray cluster there "
+                f"{self.named}: cannot connect to a Ray cluster there "
                 f"({error.strerror or error})"
             ) from None
+        if _is_loopback(host) and not _answers(_this_machines_address(), port):
+            os.environ.setdefault(LOOPBACK_ONLY, "0")
 
     @staticmethod
     def _result(ray, reference, job):
@@ -138,10 +168,8 @@ class RayWorkers:
 # What keeps a throwaway cluster on 127.0.0.1 and out of the user's home: Ray
 # otherwise listens on the machine's interface address, and writes an auth
 # token to ~/.ray. Every side (head, its workers, the driver) needs both.
-LOOPBACK_ENVIRONMENT = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_AUTH_MODE": "disabled",
-}
+LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+LOOPBACK_ENVIRONMENT = {LOOPBACK_ONLY: "0", "RAY_AUTH_MODE": "disabled"}
 
 
 @contextmanager
@@ -169,7 +197,7 @@ def loopback_cluster(workers: int, startup_seconds: float = 60) -> Iterator[str]
     )
     try:
         deadline = time.monotonic() + startup_seconds
-        while not _listening(port):
+        while not _answers("127.0.0.1", port):
             if head.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the Ray head did not start (see {temp_dir})")
             time.sleep(0.2)
@@ -183,6 +211,28 @@ def loopback_cluster(workers: int, startup_seconds: float = 60) -> Iterator[str]
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _listening(port: int) -> bool:
+def _answers(host: str | None, port: int) -> bool:
+    """Whether something accepts TCP connections at host:port."""
+    if host is None:
+        return False
     with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0
+        probe.settimeout(PROBE_SECONDS)
+        return probe.connect_ex((host, port)) == 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _this_machines_address() -> str | None:
+    """The address this machine reaches others from, as Ray finds it (a UDP
+    socket's connect sends nothing); None without a network."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("8.8.8.8", 53))
+            return probe.getsockname()[0]
+        except OSError:
+            return None

@@ -142,18 +142,20 @@ def choose_workers(count: int | None = None, ray_address: str | None = None) -> 
     `default_count` allows. Asking for both kinds at once is refused."""
     if count is None and ray_address is None:
         count, ray_address = _count_variable(), os.environ.get(RAY_VARIABLE) or None
-        given = f"${WORKERS_VARIABLE} and ${RAY_VARIABLE}"
+        workers_given, ray_given = f"${WORKERS_VARIABLE}", f"${RAY_VARIABLE}"
     else:
-        given = "--workers and --ray"
+        workers_given, ray_given = "--workers", "--ray"
+    if ray_address is not None and not ray_address.strip():
+        raise NerMergeError(f"{ray_given} is empty: give HOST:PORT, or auto")
     if count is not None and ray_address:
         raise NerMergeError(
-            f"{given}: choose local workers or a Ray cluster, not both (a "
-            "cluster's size is its own)"
+            f"{workers_given} and {ray_given}: choose local workers or a Ray "
+            "cluster, not both (a cluster's size is its own)"
         )
     if ray_address:
         from ner_merge.cluster import RayWorkers
 
-        return RayWorkers(ray_address)
+        return RayWorkers(ray_address, given_as=ray_given)
     return LocalWorkers(count)
 
 

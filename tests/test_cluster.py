@@ -42,10 +42,13 @@ def _local_map(recipe: Path, folder: Path) -> bytes:
 
 
 def _plan_on_cluster(recipe: Path, address: str, out: Path, cache: Path):
+    """`ner-merge plan --ray`, as a user runs it: without Ray's loopback setting
+    (ner-merge sees the cluster listens on loopback only, and keeps Ray there)."""
+    environment = {k: v for k, v in os.environ.items() if k not in LOOPBACK_ENVIRONMENT}
     return subprocess.Popen(
         [BIN / "ner-merge", "plan", str(recipe), "-o", str(out), "--quiet"]
         + ["--ray", address],
-        env=dict(os.environ, NER_MERGE_CACHE_DIR=str(cache), **LOOPBACK_ENVIRONMENT),
+        env=dict(environment, NER_MERGE_CACHE_DIR=str(cache)),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -103,3 +106,22 @@ def test_without_a_cluster_there_the_option_says_so_before_scoring(tmp_path, qwe
     assert run.returncode == 1
     assert f"--ray {address}: cannot connect" in errors
     assert not (tmp_path / "map.json").exists()
+
+
+def test_an_address_that_is_not_a_ray_cluster_is_refused_in_bounded_time(tmp_path):
+    """Something listens there, but Ray never gets an answer: Ray alone would
+    wait for ever. The bound is shortened for the test."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        script = (
+            "import ner_merge.cluster as cluster\n"
+            "cluster.CONNECT_SECONDS = 3\n"
+            f"cluster.RayWorkers({address!r}, given_as='$NER_MERGE_RAY')\n"
+        )
+        run = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+        )
+    assert run.returncode == 1
+    assert f"$NER_MERGE_RAY={address}: no Ray cluster answered within 3 s" in run.stderr

@@ -2,10 +2,10 @@
 thread setting of the caller, and one clear refusal for each wrong setting."""
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -105,12 +105,19 @@ def test_the_options_beat_the_variables_and_cannot_be_combined(monkeypatch):
     assert choose_workers(count=3).count == 3
     with pytest.raises(NerMergeError, match="--workers and --ray: choose"):
         choose_workers(count=2, ray_address="auto")
+    with pytest.raises(NerMergeError, match="--ray is empty: give HOST:PORT, or auto"):
+        choose_workers(count=2, ray_address="")
 
 
 def test_without_ray_installed_the_option_says_how_to_install_it(monkeypatch):
-    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
-    with pytest.raises(NerMergeError, match=r"pip install 'ner-merge\[ray\]'"):
-        choose_workers(ray_address="auto")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setenv("NER_MERGE_RAY", "auto")
+    with pytest.raises(NerMergeError) as refusal:
+        choose_workers()
+    assert str(refusal.value) == (
+        "$NER_MERGE_RAY=auto: Ray is not installed; install it with "
+        "pip install 'ner-merge[ray]'"
+    )
 
 
 def test_a_worker_without_the_drivers_path_reads_the_same_hub_commit(
