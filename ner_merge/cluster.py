@@ -111,6 +111,11 @@ class RayWorkers:
             except Exception as error:  # ConnectionError, ValueError, RuntimeError
                 failure.append(error)
 
+        # Ray warns that a driver started off the main thread sets no SIGTERM
+        # handler; this one needs none.
+        logging.getLogger("ray._private.worker").addFilter(
+            lambda record: "SIGTERM handler" not in record.getMessage()
+        )
         connecting = threading.Thread(target=connect, daemon=True)
         connecting.start()
         connecting.join(CONNECT_SECONDS)
