@@ -140,31 +140,30 @@ class RayWorkers:
         keeps loopback only with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which is
         read when Ray is imported, so it is set (unless the user set it) here.
         """
-        try:
-            socket.create_connection((host, port), PROBE_SECONDS).close()
-        except OSError as error:
+        reason = _unreachable(host, port)
+        if reason:
             raise NerMergeError(
-                f"{self.named}: cannot connect to a Ray cluster there "
-                f"({error.strerror or error})"
-            ) from None
-        if _is_loopback(host) and not _answers(_this_machines_address(), port):
-            os.environ.setdefault(LOOPBACK_ONLY, "0")
+                f"{self.named}: cannot connect to a Ray cluster there ({reason})"
+            )
+        if _is_loopback(host):
+            elsewhere = _this_machines_address()
+            if elsewhere is None or _unreachable(elsewhere, port):
+                os.environ.setdefault(LOOPBACK_ONLY, "0")
 
     @staticmethod
     def _result(ray, reference, job):
         """A task's result; its error as ours, naming the job where it is not."""
+        where = getattr(job, "where", "a job")
         try:
             return ray.get(reference)
         except ray.exceptions.RayTaskError as error:
             if isinstance(error.cause, NerMergeError):
                 raise error.cause from None
-            where = getattr(job, "where", "a job")
             raise NerMergeError(
                 f"{where}: failed on the Ray cluster "
                 f"({type(error.cause).__name__}: {error.cause})"
             ) from None
         except ray.exceptions.RayError as error:  # retries spent, cluster lost
-            where = getattr(job, "where", "a job")
             raise NerMergeError(
                 f"{where}: the Ray cluster could not run it ({type(error).__name__})"
             ) from None
@@ -172,7 +171,8 @@ class RayWorkers:
 
 # What keeps a throwaway cluster on 127.0.0.1 and out of the user's home: Ray
 # otherwise listens on the machine's interface address, and writes an auth
-# token to ~/.ray. Every side (head, its workers, the driver) needs both.
+# token to ~/.ray. The head needs both; a driver needs only LOOPBACK_ONLY, which
+# RayWorkers sets itself for such a cluster.
 LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 LOOPBACK_ENVIRONMENT = {LOOPBACK_ONLY: "0", "RAY_AUTH_MODE": "disabled"}
 
@@ -202,7 +202,7 @@ def loopback_cluster(workers: int, startup_seconds: float = 60) -> Iterator[str]
     )
     try:
         deadline = time.monotonic() + startup_seconds
-        while not _answers("127.0.0.1", port):
+        while _unreachable("127.0.0.1", port):
             if head.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the Ray head did not start (see {temp_dir})")
             time.sleep(0.2)
@@ -216,13 +216,13 @@ def loopback_cluster(workers: int, startup_seconds: float = 60) -> Iterator[str]
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _answers(host: str | None, port: int) -> bool:
-    """Whether something accepts TCP connections at host:port."""
-    if host is None:
-        return False
-    with socket.socket() as probe:
-        probe.settimeout(PROBE_SECONDS)
-        return probe.connect_ex((host, port)) == 0
+def _unreachable(host: str, port: int) -> str | None:
+    """Why nothing accepts TCP connections at host:port; None when something does."""
+    try:
+        socket.create_connection((host, port), PROBE_SECONDS).close()
+    except OSError as error:
+        return error.strerror or str(error)
+    return None
 
 
 def _is_loopback(host: str) -> bool:

@@ -254,9 +254,10 @@ def score_elsewhere(job: CopyJob) -> ScoredCopy:
 def working_set(header: TensorHeader) -> int:
     """Most bytes one copy's scoring holds: its stored bytes, a float64 copy and
     two float64 matrices as wide as its narrow side (the Gram matrix and LAPACK's
-    workspace)."""
+    workspace). A 1-D tensor (NERD scores norms) is one row: its narrow side is 1.
+    """
     numel = math.prod(header.shape)
-    narrow = min(header.shape) if header.shape else 1
+    narrow = min(header.shape) if len(header.shape) == 2 else 1
     return header.end - header.start + 8 * (numel + 2 * narrow * narrow)
 
 

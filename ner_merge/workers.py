@@ -116,7 +116,10 @@ class LocalWorkers:
 def default_count(working_set: int) -> int:
     """As many workers as usable cores, fewer if their working sets would take
     more than MEMORY_SHARE of the available memory; at least one."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    if hasattr(os, "sched_getaffinity"):  # the cores this process may use
+        cores = len(os.sched_getaffinity(0))
+    else:
+        cores = os.cpu_count() or 1
     if working_set <= 0:
         return max(cores, 1)
     by_memory = int(available_memory() * MEMORY_SHARE) // working_set
