@@ -16,6 +16,7 @@ memory grows by one such set per worker.
 `run(function, jobs)` yields `(index, result)` pairs in the order jobs finish.
 """
 
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -23,6 +24,8 @@ from contextlib import contextmanager
 from typing import Protocol, TypeVar
 
 from ner_merge.errors import NerMergeError
+
+LOG = logging.getLogger(__name__)
 
 Job = TypeVar("Job")
 Result = TypeVar("Result")
@@ -96,6 +99,15 @@ class LocalWorkers:
         jobs not yet started; those running finish first.
         """
         count = min(self.count or default_count(working_set), max(len(jobs), 1))
+        if self.count and count * working_set > available_memory():
+            LOG.warning(
+                "%d workers may hold %.1f GB at once, more than the %.1f GB "
+                "available: fewer workers (or none given: as many as fit) avoid "
+                "running out of memory",
+                count,
+                count * working_set / 1e9,
+                available_memory() / 1e9,
+            )
         if count == 1:  # no thread to start: the caller's own, in order
             yield from ((index, function(job)) for index, job in enumerate(jobs))
             return

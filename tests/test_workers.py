@@ -179,3 +179,21 @@ def test_a_digest_from_other_bytes_than_planned_is_refused(qwen_trio):
     other = TensorDigest("0" * 64, True)
     with pytest.raises(ModelError, match=f"tensor {MATRIX} was read with other bytes"):
         model.content.record(MATRIX, other)
+
+
+def test_more_workers_than_memory_allows_is_warned_of_before_any_job(
+    monkeypatch, caplog
+):
+    """An explicit count is kept (the user may know better), but said to be
+    too many for the memory before any job runs."""
+    monkeypatch.setattr("ner_merge.workers.available_memory", lambda: 3 * 10**9)
+    started = []
+    results = LocalWorkers(4).run(started.append, [1, 2, 3, 4], working_set=10**9)
+    next(results)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        "4 workers may hold 4.0 GB at once, more than the 3.0 GB available: fewer "
+        "workers (or none given: as many as fit) avoid running out of memory"
+    ]
+    results.close()
+    assert LocalWorkers(None).describe(10**9) == "1 worker"  # the default fits
