@@ -11,7 +11,14 @@ import difflib
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from ner_merge.errors import RecipeError
 
@@ -107,6 +114,15 @@ class NerOptions(_Options):
         "on with `compat: nerd` (NERD runs it by default), off otherwise.",
     )
 
+    scoring: Literal["fast", "exact"] | None = Field(
+        default=None,
+        description="`fast` (the default): score in float32 with a bound on each "
+        "score's error, and rescore in float64 only the copies that could win a "
+        "near tie, so every choice is the one float64 scores make. `exact`: every "
+        "score in float64 (slower; maps then carry exact scores only). Not with "
+        "`compat: nerd`, which scores by NERD's own float32 rule.",
+    )
+
     nonfinite: Literal["error", "lose"] = Field(
         default="error",
         description="A copy of any floating-point tensor holding NaN or Inf: "
@@ -116,15 +132,33 @@ class NerOptions(_Options):
 
     _check_keep_base = field_validator("keep_base")(_check_patterns)
 
+    @field_validator("scoring")
+    @classmethod
+    def _scoring_is_ours(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("compat") == "nerd":
+            raise ValueError(
+                "does not apply with compat: nerd, which scores by NERD's own "
+                "float32 rule; remove one of them"
+            )
+        return value
+
+    @property
+    def precision(self) -> Literal["fast", "exact"]:
+        """How scores are computed: as set, else fast; NERD's rule has one way."""
+        return "exact" if self.compat == "nerd" else self.scoring or "fast"
+
     @property
     def stabilizes(self) -> bool:
         """Whether stabilize runs: as set, else with `compat: nerd` (NERD's default)."""
         return self.compat == "nerd" if self.stabilize is None else self.stabilize
 
     def planned(self) -> dict[str, object]:
-        """What a source map records: the options that decide it, stabilize
-        resolved."""
-        return self.model_dump(exclude={"source_map"}) | {"stabilize": self.stabilizes}
+        """What a source map records: the options that decide it, stabilize and
+        scoring resolved."""
+        resolved = {"stabilize": self.stabilizes}
+        if self.compat != "nerd":
+            resolved["scoring"] = self.precision
+        return self.model_dump(exclude={"source_map"}) | resolved
 
     @classmethod
     def from_parameters(
@@ -171,12 +205,15 @@ def validation_problems(
                 f"{field}: {unknown_key_problem(name, known, 'unknown option')}"
             )
             continue
+        message = problem["msg"]
+        if problem["type"] == "value_error":  # ours: no "Value error, " prefix
+            message = str(problem["ctx"]["error"])
         given = repr(problem.get("input"))
         if len(given) > MAX_SHOWN_INPUT:
             given = given[:MAX_SHOWN_INPUT] + "..."
         quoted = problem["loc"] and problem["type"] != "missing"
         shown = f" (got {given})" if quoted else ""
-        lines.append(f"{field}: {problem['msg']}{shown}")
+        lines.append(f"{field}: {message}{shown}")
     return lines
 
 

@@ -10,11 +10,14 @@ Three steps:
    tensor, or a block or layer at granularity module/layer) with the tensors that
    go with them; the keep_base and exclude decisions are made here, once.
 2. `choose`: each group's winner, from its scores, then the followers of every
-   group and of every layer's majority, from the final sources.
+   group and of every layer's majority, from the final sources. Scores computed
+   in float32 carry bounds: `uncertain_copies` says which copies must be scored
+   exactly first, so that every winner is the one exact scores pick.
 3. `reconcile`: a hand-edited map's changed sources are pinned and `choose` runs
    again, so followers move with what they follow and rules say `override`.
 """
 
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -243,12 +246,103 @@ def mean(values: list[float | None]) -> float | None:
     return sum(values) / len(values)
 
 
+def allowed(
+    tensors: tuple[TensorSpec, ...] | list[TensorSpec],
+    eligible: tuple[bool, ...],
+    nonfinite: dict[str, list[bool]],
+) -> tuple[bool, ...]:
+    """Per candidate: may it supply these tensors, which choose together? Not if
+    `exclude` bars it, nor if its copy of any of them holds NaN or Inf."""
+    flags = [nonfinite[t.name] for t in tensors if t.name in nonfinite]
+    return tuple(
+        ok and not any(flag[index] for flag in flags)
+        for index, ok in enumerate(eligible)
+    )
+
+
+# Rounding of a mean of scores (each at most 1), per score in it: two means that
+# differ by less may have been rounded apart.
+MEAN_ROUNDING = 4 * sys.float_info.epsilon
+
+
+def uncertain_copies(
+    grouping: Grouping,
+    scores: dict[str, list[float | None]],
+    bounds: dict[str, list[float]],
+    nonfinite: dict[str, list[bool]] | None = None,
+    contents: dict[str, list[str | None]] | None = None,
+) -> set[tuple[str, int]]:
+    """Step 2, first half with float32 scores: the copies (tensor, candidate) to
+    score exactly before `choose`, so that every winner is the exact scores'.
+
+    bounds: per scored tensor, how far each candidate's score may lie from its
+    exact score (0: it is exact). contents: per scored tensor, each candidate's
+    content hash where known; equal hashes are equal exact scores.
+
+    A group's winner is certain when its mean score beats each other candidate's
+    by more than their two mean bounds (so their exact means keep that order),
+    or the other's copies are the very bytes of the winner's (equal exact scores,
+    a tie that candidate order breaks the same way). Otherwise the contenders,
+    every candidate whose interval reaches the highest lower end, are scored
+    exactly: then none of the others can reach them, and `choose`, comparing
+    plain scores, picks among the contenders as exact scores do, ties included.
+    """
+    nonfinite, contents = nonfinite or {}, contents or {}
+    return {
+        (tensor.name, candidate)
+        for group in grouping.groups
+        if not group.kept
+        for candidate in _contenders(group, scores, bounds, nonfinite, contents)
+        for tensor in group.scored
+        if bounds[tensor.name][candidate] > 0
+    }
+
+
+def _contenders(
+    group: Group,
+    scores: dict[str, list[float | None]],
+    bounds: dict[str, list[float]],
+    nonfinite: dict[str, list[bool]],
+    contents: dict[str, list[str | None]],
+) -> list[int]:
+    """The candidates that may win the group by exact scores, if its winner by
+    these scores is not certain; none if it is (see `uncertain_copies`)."""
+    count = len(group.eligible)
+    usable = allowed(group.members, group.eligible, nonfinite)
+    means = [mean([scores[t.name][i] for t in group.scored]) for i in range(count)]
+    doubts = [mean([bounds[t.name][i] for t in group.scored]) for i in range(count)]
+    winner = first_best(means, usable)
+    if winner is None:
+        return []  # no candidate: choose() refuses the group
+    others = [
+        i for i in range(count) if i != winner and usable[i] and means[i] is not None
+    ]
+    slack = MEAN_ROUNDING * len(group.scored)
+
+    hashes = [contents.get(t.name, [None] * count) for t in group.scored]
+
+    def same_bytes(other: int) -> bool:
+        return all(h[winner] is not None and h[winner] == h[other] for h in hashes)
+
+    if all(
+        means[winner] - means[other] > doubts[winner] + doubts[other] + slack
+        or same_bytes(other)
+        for other in others
+    ):
+        return []
+    candidates = [winner, *others]
+    floor = max(means[i] - doubts[i] for i in candidates)
+    return [i for i in candidates if means[i] + doubts[i] + slack >= floor]
+
+
 def choose(
     grouping: Grouping,
     scores: dict[str, list[float | None]],
     names: list[str],
     nonfinite: dict[str, list[bool]] | None = None,
     pinned: dict[str, str] | None = None,
+    bounds: dict[str, list[float]] | None = None,
+    refined: set[str] | frozenset[str] = frozenset(),
 ) -> dict[str, TensorChoice]:
     """Step 2: every tensor's choice, in output order.
 
@@ -258,18 +352,18 @@ def choose(
     pinned: tensors whose source was set by hand (`reconcile`): they keep it,
     with rule `override` where the rules decide otherwise, and whatever follows
     them is decided from it.
+    bounds, refined: recorded in the choices as they are (see
+    `uncertain_copies`): the bounds of scores not exact, and the scored tensors
+    whose copies were scored exactly to settle a near tie.
     """
-    nonfinite, pinned = nonfinite or {}, pinned or {}
+    nonfinite, pinned, bounds = nonfinite or {}, pinned or {}, bounds or {}
     count = len(names)
     choices: dict[str, TensorChoice] = {}
     supplied: dict[int | None, Counter] = {}  # layer -> candidate -> values
 
-    def allowed(tensors, eligible) -> tuple[bool, ...]:
-        flags = [nonfinite.get(t.name, [False] * count) for t in tensors]
-        return tuple(
-            ok and not any(flag[index] for flag in flags)
-            for index, ok in enumerate(eligible)
-        )
+    def recorded_bounds(tensor: TensorSpec) -> dict[str, float]:
+        given = bounds.get(tensor.name, [0.0] * count)
+        return {name: bound for name, bound in zip(names, given) if bound > 0}
 
     def source_of(tensor: TensorSpec, decided: int) -> tuple[str, bool]:
         """The final source, and whether it was set against the rules."""
@@ -284,7 +378,7 @@ def choose(
             )
 
     for group in grouping.groups:
-        usable = allowed(group.members, group.eligible)
+        usable = allowed(group.members, group.eligible, nonfinite)
         if group.kept:
             winner, rule = 0, "keep-base"
             for tensor in group.members:
@@ -311,6 +405,8 @@ def choose(
                 layer=tensor.layer,
                 shape=tensor.shape,
                 scores={} if group.kept else dict(zip(names, scores[tensor.name])),
+                bounds={} if group.kept else recorded_bounds(tensor),
+                refined=tensor.name in refined,
                 excluded=excluded,
             )
             tally = supplied.setdefault(tensor.layer, Counter())
@@ -335,7 +431,7 @@ def choose(
             refuse_base(tensor, "keep_base")
             winner, rule, follows, excluded = 0, "keep-base", None, ()
         else:
-            usable = allowed([tensor], eligible)
+            usable = allowed([tensor], eligible, nonfinite)
             counts = supplied.get(tensor.layer, Counter())
             winner = first_best([counts[i] for i in range(count)], usable)
             if winner is None:
@@ -406,14 +502,16 @@ def reconcile(
     pinned and `choose` runs again: an edited matrix takes its bias along, an
     edited block or layer its other tensors, a layer whose matrices all moved its
     norms, and every edit reads `override`. A map without edits comes back as it
-    was (stabilize shares included).
+    was (stabilize shares, bounds and refinements included).
     """
     names = [model.name for model in source_map.models]
-    scores = {
-        tensor.name: [source_map.tensors[tensor.name].scores.get(n) for n in names]
-        for tensor in grouping.to_score()
+    planned = {t.name: source_map.tensors[t.name] for t in grouping.to_score()}
+    scores = {name: [c.scores.get(n) for n in names] for name, c in planned.items()}
+    bounds = {
+        name: [c.bounds.get(n, 0.0) for n in names] for name, c in planned.items()
     }
-    decided = choose(grouping, scores, names, nonfinite)
+    refined = {name for name, choice in planned.items() if choice.refined}
+    decided = choose(grouping, scores, names, nonfinite, None, bounds, refined)
     followers = {t.name for g in grouping.groups for t, _ in g.followers}
     followers |= {tensor.name for tensor, _, _ in grouping.by_layer}
     pinned = {  # a follower stays put, even as what it follows moves, only if asked
@@ -422,7 +520,10 @@ def reconcile(
         if choice.rule == "override"
         or (name not in followers and choice.source != decided[name].source)
     }
-    chosen = choose(grouping, scores, names, nonfinite, pinned) if pinned else decided
+    if pinned:
+        chosen = choose(grouping, scores, names, nonfinite, pinned, bounds, refined)
+    else:
+        chosen = decided
     tensors = {
         name: choice.model_copy(
             update={"stabilized": _kept_share(source_map, name, choice)}

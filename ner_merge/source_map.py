@@ -6,11 +6,13 @@ timestamps, so the same inputs give the same bytes and diffs stay readable.
 
 It stores decisions only: what a block or layer chose as one (its source and mean
 scores) is derived from its tensors (`ner_merge.selection.unit_decisions`), so it
-cannot go stale when a tensor is edited. Version 1 maps, which stored those
-units and said what a tensor follows in one bare string, are read and upgraded.
+cannot go stale when a tensor is edited. Older maps are read and upgraded:
+version 1 stored those units and said what a tensor follows in one bare string;
+version 2 had exact scores only (no bounds).
 """
 
 import json
+import math
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
@@ -21,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ner_merge.errors import SourceMapError
 from ner_merge.options import format_validation_error
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 SOURCE_MAP_FILE = "ner_source_map.json"  # its name in a merge's output folder
 
 Role = Literal["base", "fine-tuned"]
@@ -79,6 +81,17 @@ class TensorChoice(_Frozen):
         default_factory=dict,
         description="NER of each model's tensor, if scored; null: NaN or Inf.",
     )
+    bounds: dict[str, float] = Field(
+        default_factory=dict,
+        description="For each score computed in float32: how far it may lie from "
+        "the exact (float64) score of that copy. A scored model not listed has its "
+        "exact score.",
+    )
+    refined: bool = Field(
+        default=False,
+        description="The float32 scores left this tensor's decision in doubt (a "
+        "near tie), so the copies that could win were scored exactly.",
+    )
     follows: Follows | None = Field(
         default=None, description="For rule 'follows': what it goes with."
     )
@@ -113,7 +126,7 @@ class UnitChoice(_Frozen):
 class SourceMap(_Frozen):
     """Every output tensor's source, plus what the choice was made from."""
 
-    format_version: Literal[2] = FORMAT_VERSION
+    format_version: Literal[3] = FORMAT_VERSION
     models: tuple[ModelEntry, ...]
     options: dict[str, object] = Field(description="The NER options used to plan.")
     tensors: dict[str, TensorChoice]
@@ -131,6 +144,11 @@ class SourceMap(_Frozen):
                 raise ValueError(
                     f"{name} names unknown model(s) {sorted(unknown)}; known: {names}"
                 )
+            unscored = set(choice.bounds) - set(choice.scores)
+            if unscored:
+                raise ValueError(f"{name} bounds scores it lacks: {sorted(unscored)}")
+            if not all(0 <= bound < math.inf for bound in choice.bounds.values()):
+                raise ValueError(f"{name}: a bound must be a number, 0 or more")
         return self
 
     @property
@@ -148,14 +166,15 @@ class SourceMap(_Frozen):
         def rename(name: str) -> str:
             return names.get(name, name)
 
-        def scores(given: dict[str, float | None]) -> dict[str, float | None]:
-            return {rename(model): score for model, score in given.items()}
+        def keyed(given: dict[str, object]) -> dict[str, object]:
+            return {rename(model): value for model, value in given.items()}
 
         tensors = {
             name: choice.model_copy(
                 update={
                     "source": rename(choice.source),
-                    "scores": scores(choice.scores),
+                    "scores": keyed(choice.scores),
+                    "bounds": keyed(choice.bounds),
                     "excluded": tuple(rename(model) for model in choice.excluded),
                 }
             )
@@ -206,7 +225,7 @@ class SourceMap(_Frozen):
             raise SourceMapError(f"{where}: {error}") from None
         if not isinstance(document, dict):
             raise SourceMapError(f"{where}: expected a JSON object")
-        if document.get("format_version") == 1:
+        if document.get("format_version") in (1, 2):
             text = json.dumps(_upgraded(document))
         try:
             return cls.model_validate_json(text, strict=True)
@@ -217,18 +236,26 @@ class SourceMap(_Frozen):
 
 
 def _upgraded(document: dict) -> dict:
-    """A version 1 map as version 2: units dropped (they are derived now), each
-    `follows` string told apart by what it names."""
+    """A version 1 or 2 map as version 3. Version 1: units dropped (they are
+    derived now), each `follows` string told apart by what it names. Both: every
+    score was exact, which option `scoring` now records (no bounds are needed)."""
     tensors = document.get("tensors")
-    if not isinstance(tensors, dict):
+    options = document.get("options")
+    if not isinstance(tensors, dict) or not isinstance(options, dict):
         return document  # validation will say what is wrong
     upgraded = {}
     for name, choice in tensors.items():
         if isinstance(choice, dict) and isinstance(choice.get("follows"), str):
             choice = dict(choice, follows=_v1_follows(choice["follows"], tensors))
         upgraded[name] = choice
+    if options.get("compat") != "nerd":  # NERD's scores have a rule of their own
+        options = options | {"scoring": "exact"}
     rest = {key: value for key, value in document.items() if key != "units"}
-    return rest | {"format_version": FORMAT_VERSION, "tensors": upgraded}
+    return rest | {
+        "format_version": FORMAT_VERSION,
+        "options": options,
+        "tensors": upgraded,
+    }
 
 
 def _v1_follows(follows: str, tensors: dict) -> dict:

@@ -58,6 +58,7 @@ VALID_OPTIONS = {
     "keep_base": st.none() | patterns.map(",".join),
     "compat": st.sampled_from([None, "nerd"]),
     "stabilize": st.booleans(),
+    "scoring": st.sampled_from([None, "fast", "exact"]),
     "nonfinite": st.sampled_from(["error", "lose"]),
 }
 DEFAULTS = {
@@ -66,9 +67,12 @@ DEFAULTS = {
     "keep_base": None,
     "compat": None,
     "stabilize": None,  # unset: on with compat nerd (NerOptions.stabilizes)
+    "scoring": None,  # unset: fast (NerOptions.precision)
     "nonfinite": "error",
 }
-valid_options = st.fixed_dictionaries({}, optional=VALID_OPTIONS)
+valid_options = st.fixed_dictionaries({}, optional=VALID_OPTIONS).filter(
+    lambda options: options.get("compat") is None or options.get("scoring") is None
+)  # NERD scores by a rule of its own
 
 
 @FUZZ
@@ -240,44 +244,47 @@ def valid_maps(draw) -> dict:
         for index, name in enumerate(names)
     ]
     model = st.sampled_from(names)
-    scores = st.dictionaries(model, st.none() | finite, max_size=len(names))
     follows = st.none() | st.fixed_dictionaries(
         {
             "kind": st.sampled_from(["tensor", "unit", "layer", "non-layer"]),
             "name": st.none() | st.text(max_size=16),
         }
     )
-    tensors = st.dictionaries(
-        st.text(max_size=16),
-        st.fixed_dictionaries(
-            {
-                "source": model,
-                "rule": st.sampled_from(
-                    [
-                        "highest-ner",
-                        "highest-mean-ner",
-                        "follows",
-                        "base",
-                        "keep-base",
-                        "override",
-                    ]
-                ),
-                "layer": st.none() | small_ints,
-                "shape": st.lists(small_ints, max_size=3),
-                "scores": scores,
-                "follows": follows,
-                "unit": st.none() | st.text(max_size=16),
-                "excluded": st.lists(model, max_size=2),
-                "stabilized": st.none() | st.floats(0, 1),
-            }
-        ),
-        max_size=4,
-    )
+    rules = [
+        "highest-ner",
+        "highest-mean-ner",
+        "follows",
+        "base",
+        "keep-base",
+        "override",
+    ]
+
+    def choice() -> dict:
+        scores = draw(st.dictionaries(model, st.none() | finite, max_size=len(names)))
+        bound = st.floats(0, 1e-3)
+        bounds = draw(st.dictionaries(st.sampled_from(names), bound))
+        return {
+            "source": draw(model),
+            "rule": draw(st.sampled_from(rules)),
+            "layer": draw(st.none() | small_ints),
+            "shape": draw(st.lists(small_ints, max_size=3)),
+            "scores": scores,
+            "bounds": {n: b for n, b in bounds.items() if n in scores},
+            "refined": draw(st.booleans()),
+            "follows": draw(follows),
+            "unit": draw(st.none() | st.text(max_size=16)),
+            "excluded": draw(st.lists(model, max_size=2)),
+            "stabilized": draw(st.none() | st.floats(0, 1)),
+        }
+
+    tensors = {
+        draw(st.text(max_size=16)): choice() for _ in range(draw(st.integers(0, 4)))
+    }
     return {
-        "format_version": 2,
+        "format_version": 3,
         "models": models,
         "options": draw(st.dictionaries(st.text(max_size=8), finite_json, max_size=3)),
-        "tensors": draw(tensors),
+        "tensors": tensors,
     }
 
 

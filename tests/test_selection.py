@@ -13,6 +13,7 @@ from ner_merge.selection import (
     choose,
     group_tensors,
     reconcile,
+    uncertain_copies,
     unit_decisions,
 )
 from ner_merge.source_map import Follows, ModelEntry, SourceMap
@@ -278,10 +279,25 @@ def test_an_edited_keep_base_tensor_reads_override():
     assert result.tensors[Q0_BIAS].rule == "follows"
 
 
+def _older(source_map: SourceMap) -> dict:
+    """A map as versions 1 and 2 wrote it: exact scores only, no bounds."""
+    document = json.loads(source_map.to_json())
+    for choice in document["tensors"].values():
+        del choice["bounds"], choice["refined"]
+    return document | {"format_version": 2}
+
+
+def test_a_version_2_map_is_read_as_exact_scores(tmp_path):
+    _, planned = _planned(Selection("module"), {Q0: 2})
+    (tmp_path / "v2.json").write_text(json.dumps(_older(planned)))
+    upgraded = SourceMap.load(tmp_path / "v2.json")
+    assert upgraded == planned.model_copy(update={"options": {"scoring": "exact"}})
+
+
 def test_a_version_1_map_is_read_and_upgraded(tmp_path):
     """Version 1 stored units and said what a tensor follows in one string."""
     grouping, planned = _planned(Selection("layer"), {Q0: 1})
-    document = json.loads(planned.to_json())
+    document = _older(planned)
     for choice in document["tensors"].values():
         follows = choice["follows"]
         if follows is not None:
@@ -303,7 +319,8 @@ def test_a_version_1_map_is_read_and_upgraded(tmp_path):
         "units": {u: c.model_dump(mode="json") for u, c in units.items()},
     }
     (tmp_path / "v1.json").write_text(json.dumps(document))
-    assert SourceMap.load(tmp_path / "v1.json") == planned
+    upgraded = SourceMap.load(tmp_path / "v1.json")
+    assert upgraded == planned.model_copy(update={"options": {"scoring": "exact"}})
 
 
 def test_a_follower_marked_override_stays_while_its_matrix_moves():
@@ -327,3 +344,75 @@ def test_a_map_with_invalid_options_is_refused_naming_the_field(options, says):
     edited = planned.model_copy(update={"options": options})
     with pytest.raises(SourceMapError, match=f"plan.json: {says}"):
         Selection.of_map(edited, "plan.json")
+
+
+# --- decisions from float32 scores with bounds -----------------------------------
+
+UP0 = "model.layers.0.mlp.up_proj.weight"
+DOWN0 = "model.layers.0.mlp.down_proj.weight"
+
+
+def _bounded(bound: float, **near: tuple[float, ...]) -> tuple[dict, dict]:
+    """Scores where the base wins every scored tensor by far (0.9 to 0.5), each
+    score carrying `bound`; `near` gives some tensors' scores outright."""
+    names = {"q0": Q0, "up0": UP0, "down0": DOWN0}
+    scores = _scores({})
+    for key, values in near.items():
+        scores[names[key]] = list(values)
+    return scores, {name: [bound] * 3 for name in scores}
+
+
+def _uncertain(scores, bounds, selection=None, **options) -> set[tuple[str, int]]:
+    grouping = group_tensors(TENSORS, selection or Selection(), len(NAMES))
+    return uncertain_copies(grouping, scores, bounds, **options)
+
+
+@pytest.mark.parametrize("gap", [1e-7, 1e-6, 1e-5, 1e-4])
+def test_a_gap_within_the_bounds_sends_the_contenders_to_be_scored_exactly(gap):
+    # one beats two by `gap`; both 1e-5 from their exact scores; base far below.
+    scores, bounds = _bounded(1e-5, q0=(0.5, 0.7 + gap, 0.7))
+    expected = {(Q0, 1), (Q0, 2)} if gap <= 2e-5 else set()
+    assert _uncertain(scores, bounds) == expected
+
+
+def test_a_candidate_that_cannot_reach_the_leaders_is_not_rescored():
+    scores, bounds = _bounded(1e-5, q0=(0.70001, 0.7, 0.69))
+    assert _uncertain(scores, bounds) == {(Q0, 0), (Q0, 1)}
+
+
+def test_exact_scores_and_equal_bytes_need_no_rescoring():
+    scores, bounds = _bounded(0.0, q0=(0.7, 0.7, 0.5))  # an exact tie: base wins
+    assert _uncertain(scores, bounds) == set()
+    scores, bounds = _bounded(1e-5, q0=(0.7, 0.7, 0.5))  # the same bytes twice
+    contents = {Q0: ["same", "same", "other"]}
+    assert _uncertain(scores, bounds, contents=contents) == set()
+    assert _uncertain(scores, bounds, contents={Q0: ["a", "b", "c"]}) == {
+        (Q0, 0),
+        (Q0, 1),
+    }
+
+
+def test_a_copy_already_exact_is_not_rescored():
+    scores, bounds = _bounded(1e-5, q0=(0.5, 0.7 + 1e-6, 0.7))
+    bounds[Q0][2] = 0.0
+    assert _uncertain(scores, bounds) == {(Q0, 1)}
+
+
+def test_a_block_decides_by_its_mean_score_and_mean_bound():
+    # up: one ahead by 3e-5; down: two ahead by 1e-5; so one's mean is ahead by 1e-5.
+    near = {"up0": (0.5, 0.70003, 0.7), "down0": (0.5, 0.7, 0.70001)}
+    module = Selection("module")
+    assert _uncertain(*_bounded(4e-6, **near), module) == set()
+    assert _uncertain(*_bounded(6e-6, **near), module) == {
+        (name, model) for name in (UP0, DOWN0) for model in (1, 2)
+    }
+
+
+def test_a_candidate_that_may_not_win_raises_no_doubt():
+    scores, bounds = _bounded(1e-5, q0=(0.5, 0.7 + 1e-6, 0.7))
+    excluded = Selection(exclusions=((), (), ("*.q_proj.*",)))
+    assert _uncertain(scores, bounds, excluded) == set()
+    nonfinite = {Q0: [False, False, True]}
+    assert _uncertain(scores, bounds, nonfinite=nonfinite) == set()
+    kept = Selection(keep_base=("*.q_proj.*",))
+    assert _uncertain(scores, bounds, kept) == set()
