@@ -131,6 +131,13 @@ def save_map(source_map: "SourceMap", path: str) -> None:
     help="Score on this torch device, e.g. cuda:1 or auto (as mergekit-yaml's).",
 )
 @click.option(
+    "--exact",
+    is_flag=True,
+    help="Score every copy in float64 (the recipe option `scoring: exact`). By "
+    "default scores are float32 with error bounds, and near ties are rescored in "
+    "float64: the choices are the same either way.",
+)
+@click.option(
     "--workers",
     type=click.IntRange(min=1),
     help="Tensors scored side by side, one thread each (default: from the cores "
@@ -150,6 +157,7 @@ def plan_command(
     quiet: bool,
     cuda: bool,
     device: str | None,
+    exact: bool,
     workers: int | None,
     ray_address: str | None,
 ) -> None:
@@ -169,6 +177,8 @@ def plan_command(
 
     try:
         recipe = Recipe.from_file(recipe_file)
+        if exact:
+            recipe = recipe.with_options("--exact", scoring="exact")
         if output:
             check_output_file(output)
         options = MergeOptions(cuda=cuda, device=device, quiet=quiet)

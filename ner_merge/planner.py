@@ -4,27 +4,47 @@
 and output tensors (`ner_merge.inventory`), the NaN/Inf checks and scoring
 (`ner_merge.scoring`), the selection rules (`ner_merge.selection`, the only home
 of the rules) and the stabilize stage; the result is a source map.
+
+Scoring is fast by default: every copy in float32 with a bound on its error,
+then, for the few decisions those bounds leave in doubt (near ties), the copies
+that could win them in float64 (`selection.uncertain_copies`). Every choice is
+the one float64 scores alone would make.
 """
+
+from functools import partial
 
 from mergekit.common import dtype_from_name
 from mergekit.options import MergeOptions
 
 from ner_merge.cache import ScoreCache, default_cache_dir
 from ner_merge.errors import ModelError
-from ner_merge.inventory import localized_config, output_tensors, resolve_models
+from ner_merge.inventory import (
+    OutputTensor,
+    localized_config,
+    output_tensors,
+    resolve_models,
+)
 from ner_merge.models import ResolvedModel
+from ner_merge.ner import BoundedScore
 from ner_merge.recipe import Recipe
 from ner_merge.scoring import (
     NERD_SCORING,
     SPEC_SCORING,
     CopyReader,
+    Place,
     check_device,
     check_finite,
     nonfinite_copies,
     score_matrices,
     stabilized,
 )
-from ner_merge.selection import Selection, SelectionError, choose, group_tensors
+from ner_merge.selection import (
+    Selection,
+    SelectionError,
+    choose,
+    group_tensors,
+    uncertain_copies,
+)
 from ner_merge.source_map import ModelEntry, SourceMap
 from ner_merge.vocabulary import vocabulary_alignment
 from ner_merge.workers import Workers, choose_workers
@@ -63,19 +83,33 @@ def plan(
         check_finite(nonfinite_copies(unscored, models), tensors, names)
     reader = CopyReader(models, vocabulary)
     cache_dir = default_cache_dir()
-    scores = score_matrices(
+    device = merge_options.device
+    score = partial(
+        score_matrices,
         to_score,
         models,
         reader,
         scoring,
         recipe.options.nonfinite,
         quiet=quiet or merge_options.quiet,
-        cache=ScoreCache(cache_dir, scoring.cache_options) if cache_dir else None,
-        device=merge_options.device,
+        cache=ScoreCache(cache_dir, scoring.cache_options(device))
+        if cache_dir
+        else None,
+        device=device,
         workers=workers,
     )
+    found = score(precision=recipe.options.precision)
+    nonfinite = nonfinite_copies(tensors, models)
+    scores, bounds = _by_tensor(found, to_score, len(models))
+    refine = uncertain_copies(
+        grouping, scores, bounds, nonfinite, _contents(to_score, models, reader)
+    )
+    if refine:  # near ties: the copies that may win them, scored exactly
+        found |= score(precision="exact", only=refine)
+        scores, bounds = _by_tensor(found, to_score, len(models))
+    refined = {name for name, _ in refine}
     try:
-        choices = choose(grouping, scores, names, nonfinite_copies(tensors, models))
+        choices = choose(grouping, scores, names, nonfinite, None, bounds, refined)
     except SelectionError as error:
         raise ModelError(str(error)) from None
     if recipe.options.stabilizes:
@@ -96,3 +130,32 @@ def plan(
         options=recipe.options.planned(),
         tensors=choices,
     )
+
+
+def _by_tensor(
+    found: dict[Place, BoundedScore | None], tensors: list[OutputTensor], count: int
+) -> tuple[dict[str, list[float | None]], dict[str, list[float]]]:
+    """Scores and their bounds, per tensor and candidate, as selection takes them."""
+    scores, bounds = {}, {}
+    for tensor in tensors:
+        copies = [found[tensor.name, index] for index in range(count)]
+        scores[tensor.name] = [c.value if c else None for c in copies]
+        bounds[tensor.name] = [c.bound if c else 0.0 for c in copies]
+    return scores, bounds
+
+
+def _contents(
+    tensors: list[OutputTensor], models: list[ResolvedModel], reader: CopyReader
+) -> dict[str, list[str | None]]:
+    """Each scored copy's content hash, where its bytes are what was scored (an
+    aligned copy depends on every model's vocabulary: no hash)."""
+    contents = {}
+    for tensor in tensors:
+        if reader.is_aligned(tensor):
+            continue
+        digests = [
+            model.content.known(stored)
+            for model, stored in zip(models, tensor.stored_names)
+        ]
+        contents[tensor.name] = [d.hash if d else None for d in digests]
+    return contents

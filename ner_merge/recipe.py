@@ -11,7 +11,7 @@ would only reject after the models are scored are caught here too.
 """
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -142,6 +142,16 @@ class Recipe:
             where,
             tuple(exclusions.get(model, ()) for model in candidate_models(config)),
         )
+
+    def with_options(self, given: str, **changes: Any) -> "Recipe":
+        """The recipe with NER options set from elsewhere (`given`: a command-line
+        option, for messages), checked as if the recipe had them."""
+        wanted = self.options.model_dump(exclude_unset=True) | changes
+        options, problems = _checked_options(NerOptions, wanted, "parameters")
+        if problems:
+            where = f"{self.where} with {given}"
+            raise RecipeError("\n".join(f"{where}: {line}" for line in problems))
+        return replace(self, options=options)
 
     def candidates(self) -> list[ModelReference]:
         """Base first, then each fine-tuned model once, in recipe order.

@@ -46,9 +46,27 @@ def _rule_text(choice: TensorChoice) -> str:
         text = _follows_text(choice.follows)
     elif choice.rule == "highest-mean-ner":
         text = f"highest mean NER of {choice.unit}"
+    if choice.refined:
+        text += "; near tie, refined in float64"
     if choice.stabilized is not None:
         text += f"; stabilized, {choice.stabilized:.1%} base values"
     return text
+
+
+def scoring_summary(source_map: SourceMap) -> str:
+    """How the decisions were scored: how many the float32 bounds settled, and
+    how many near ties needed float64 scores."""
+    decisions = {c.unit or n for n, c in source_map.tensors.items() if c.scores}
+    refined = {c.unit or n for n, c in source_map.tensors.items() if c.refined}
+    scores = [s for c in source_map.tensors.values() for s in c.scores]
+    if source_map.options.get("compat") == "nerd":
+        return f"decisions: {len(decisions)}; scores: {len(scores)}, NERD's rule"
+    bounded = sum(len(c.bounds) for c in source_map.tensors.values())
+    return (
+        f"decisions: {len(decisions)}, of which {len(refined)} near ties refined in "
+        f"float64; scores: {len(scores)}, {bounded} float32 with bounds, "
+        f"{len(scores) - bounded} exact"
+    )
 
 
 def _mean_text(score: float | None) -> str:
@@ -166,6 +184,11 @@ def render_report(
     lines += ["", "## How sources were chosen", "", RULES, ""]
     lines += [
         "Options: " + (str(source_map.options) if source_map.options else "defaults"),
+        "",
+        "Scoring: " + scoring_summary(source_map) + ". A float32 score's bound "
+        "(`bounds` in the source map) is how far it may lie from its float64 "
+        "score; a decision stands on float32 scores only when the bounds cannot "
+        "change it, so every source is the one float64 scores give.",
         "",
     ]
     lines += layer_sources(source_map) + stabilized_modules(source_map)
@@ -288,6 +311,7 @@ def plan_table(source_map: SourceMap) -> str:
     lines.append(
         "tensors: " + ", ".join(f"{labels[n]} {k} ({k / total:.0%})" for n, k in shares)
     )
+    lines.append(scoring_summary(source_map))
     return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ from concurrent.futures import Future
 from contextlib import closing
 from dataclasses import dataclass, replace
 from functools import partial
+from typing import Literal
 
 import torch
 import tqdm
@@ -32,7 +33,9 @@ from ner_merge.inventory import OutputTensor
 from ner_merge.models import HubFile, ResolvedModel
 from ner_merge.ner import (
     KERNEL_VERSION,
+    BoundedScore,
     NonFiniteMatrixError,
+    fast_score,
     normalized_effective_rank,
 )
 from ner_merge.nerd import (
@@ -46,7 +49,7 @@ from ner_merge.reader import TensorHeader, as_tensor, read_bytes
 from ner_merge.selection import TensorSpec
 from ner_merge.source_map import TensorChoice
 from ner_merge.vocabulary import VocabularyAlignment
-from ner_merge.workers import LocalWorkers, Workers, one_thread_per_score
+from ner_merge.workers import LocalWorkers, Workers, reproducible_scoring
 
 LOG = logging.getLogger(__name__)
 
@@ -56,14 +59,15 @@ def check_device(merge_options: MergeOptions) -> None:
 
     mergekit's --cuda without CUDA, or a device with no kernels (`meta`), would
     otherwise fail at the first matrix scored, or pass unnoticed when every score
-    is cached. Scoring a 2 x 2 identity there is the test: it allocates, runs the
-    kernel's float64 arithmetic and copies a number back.
+    is cached. Scoring a small tall matrix there is the test: it allocates, runs
+    both routes' arithmetic (float32 and float64) and copies numbers back.
     """
     device = merge_options.device
     cuda = merge_options.cuda and device == "cuda"
     option = "--cuda" if cuda else f"--device {device}"
     try:
-        normalized_effective_rank(torch.eye(2), device)
+        fast_score(torch.eye(4, 2), device)
+        normalized_effective_rank(torch.eye(4, 2), device)
     except Exception as error:  # torch raises many kinds for a bad device
         reason = next(iter(str(error).strip().splitlines()), "")  # first line only
         raise NerMergeError(
@@ -72,22 +76,43 @@ def check_device(merge_options: MergeOptions) -> None:
         ) from None
 
 
+# "fast": float32 scores with bounds, rescored exactly where a decision needs
+# it; "exact": every score exact (see ner_merge.ner).
+Precision = Literal["fast", "exact"]
+
+
 @dataclass(frozen=True)
 class Scoring:
     """Which output tensors are scored, and how (the spec's NER or NERD's).
 
-    The version is part of every cache key, so changing how a mode scores
-    invalidates exactly that mode's cached scores.
+    `exact` is the score every decision must agree with; `fast`, where a mode has
+    one, a cheaper score with a bound on its distance to it. The version is part
+    of every cache key, so changing how a mode scores invalidates exactly that
+    mode's cached scores.
     """
 
     name: str
     version: int
     selects: Callable[[OutputTensor], bool]
-    score: Callable[[torch.Tensor], float]
+    exact: Callable[[torch.Tensor], float]
+    fast: Callable[[torch.Tensor], BoundedScore] | None = None
 
-    @property
-    def cache_options(self) -> dict[str, object]:
-        return {"scoring": self.name, "version": self.version}
+    def cache_options(self, device: str | None) -> dict[str, object]:
+        """What a cached score depends on besides its bytes and precision: this
+        mode, its version, and the kind of device (float32 rounds otherwise on a
+        GPU)."""
+        kind = str(device or "cpu").split(":")[0]
+        return {"scoring": self.name, "version": self.version, "device": kind}
+
+    def precision(self, wanted: Precision) -> Precision:
+        """The precision this mode scores in when `wanted` is asked for: a mode
+        without a fast score is always exact."""
+        return wanted if self.fast is not None else "exact"
+
+    def score(self, matrix: torch.Tensor, precision: Precision) -> BoundedScore:
+        if precision == "fast" and self.fast is not None:
+            return self.fast(matrix)
+        return BoundedScore(self.exact(matrix))
 
     def spec(self, tensor: OutputTensor) -> TensorSpec:
         """The tensor as selection sees it."""
@@ -102,13 +127,17 @@ class Scoring:
 
 
 SPEC_SCORING = Scoring(
-    "ner", KERNEL_VERSION, lambda t: t.is_matrix, normalized_effective_rank
+    "ner",
+    KERNEL_VERSION,
+    lambda t: t.is_matrix,
+    exact=normalized_effective_rank,
+    fast=fast_score,
 )
 NERD_SCORING = Scoring(
     "nerd",
     NERD_VERSION,
     lambda t: t.is_float and scores_like_nerd(t.name, t.shape),
-    nerd_score,
+    exact=nerd_score,
 )
 SCORINGS = {scoring.name: scoring for scoring in (SPEC_SCORING, NERD_SCORING)}
 
@@ -163,6 +192,7 @@ class CopyJob:
     header: TensorHeader
     scoring: str  # a key of SCORINGS
     version: int  # the scoring's version where the job was made
+    precision: Precision = "exact"
     device: str | None = None
     hub_file: HubFile | None = None  # where a worker lacking the path finds it
 
@@ -173,7 +203,7 @@ class ScoredCopy:
     scored); `fresh` when computed, not taken from the cache."""
 
     digest: TensorDigest
-    score: float | None
+    score: BoundedScore | None
     fresh: bool = True
 
 
@@ -185,20 +215,23 @@ class SharedScores:
     def __init__(self, cache: ScoreCache | None) -> None:
         self.cache = cache
         self._lock = threading.Lock()
-        self._scores: dict[str, Future] = {}
+        self._scores: dict[tuple[str, Precision], Future] = {}
 
     def score(
-        self, tensor_hash: str, compute: Callable[[], float]
-    ) -> tuple[float, bool]:
-        """The score of these bytes: cached, computed by another worker, or
-        computed here by `compute` (then `fresh`)."""
+        self,
+        tensor_hash: str,
+        precision: Precision,
+        compute: Callable[[], BoundedScore],
+    ) -> tuple[BoundedScore, bool]:
+        """The score of these bytes in this precision: cached, computed by
+        another worker, or computed here by `compute` (then `fresh`)."""
         with self._lock:
-            owner = tensor_hash not in self._scores
-            future = self._scores.setdefault(tensor_hash, Future())
+            owner = (tensor_hash, precision) not in self._scores
+            future = self._scores.setdefault((tensor_hash, precision), Future())
         if not owner:
             return future.result(), False
         try:
-            score = self.cache.get(tensor_hash) if self.cache else None
+            score = self.cache.get(tensor_hash, precision) if self.cache else None
             fresh = score is None
             future.set_result(compute() if fresh else score)
         except BaseException as error:
@@ -227,19 +260,20 @@ def score_copy(
     if not found.finite:
         return ScoredCopy(found, None)
 
-    def compute() -> float:
+    def compute() -> BoundedScore:
         copy = as_tensor(header, data)
-        return scoring.score(copy.to(job.device) if job.device else copy)
+        copy = copy.to(job.device) if job.device else copy
+        return scoring.score(copy, job.precision)
 
     if shared is None:
         return ScoredCopy(found, compute())
-    score, fresh = shared.score(found.hash, compute)
+    score, fresh = shared.score(found.hash, job.precision, compute)
     return ScoredCopy(found, score, fresh)
 
 
 def score_elsewhere(job: CopyJob) -> ScoredCopy:
     """`score_copy` in another process (a cluster's worker): the scoring named by
-    the job, if it is the version the plan asked for, at one thread."""
+    the job, if it is the version the plan asked for, in reproducible settings."""
     scoring = SCORINGS[job.scoring]
     if scoring.version != job.version:
         raise NerMergeError(
@@ -247,7 +281,7 @@ def score_elsewhere(job: CopyJob) -> ScoredCopy:
             f"{scoring.version}, the plan asked for {job.version}; install the "
             "same ner-merge everywhere"
         )
-    with one_thread_per_score():
+    with reproducible_scoring():
         return score_copy(job, scoring)
 
 
@@ -261,6 +295,10 @@ def working_set(header: TensorHeader) -> int:
     return header.end - header.start + 8 * (numel + 2 * narrow * narrow)
 
 
+# One candidate's copy of one output tensor: (tensor name, candidate index).
+Place = tuple[str, int]
+
+
 def score_matrices(
     tensors: list[OutputTensor],
     models: list[ResolvedModel],
@@ -271,8 +309,11 @@ def score_matrices(
     cache: ScoreCache | None = None,
     device: str | None = None,
     workers: Workers | None = None,
-) -> dict[str, list[float | None]]:
-    """Every model's score of every given tensor.
+    precision: Precision = "exact",
+    only: set[Place] | None = None,
+) -> dict[Place, BoundedScore | None]:
+    """Every model's score of every given tensor (with `only`: of those copies),
+    in `precision` where the scoring mode has it.
 
     A copy holding NaN or Inf stops the plan, naming model and tensor, unless
     `nonfinite` is "lose": then its score is None, which loses to any number.
@@ -282,39 +323,46 @@ def score_matrices(
     score is stored at once, so an interrupted plan keeps its work.
 
     The other copies are scored by `workers` (one local worker by default), each
-    at one BLAS thread, so the scores are the same bits whatever the workers.
-    Aligned copies (`CopyReader.is_aligned`) depend on every model's vocabulary
-    at once: they are scored here, bypassing the cache. Scoring runs on `device`
-    (mergekit's --device).
+    in reproducible settings (one BLAS thread), so the scores are the same bits
+    whatever the workers. Aligned copies (`CopyReader.is_aligned`) depend on every
+    model's vocabulary at once: they are scored here, bypassing the cache.
+    Scoring runs on `device` (mergekit's --device).
     """
     workers = workers or LocalWorkers(1)
-    scores = {tensor.name: [None] * len(models) for tensor in tensors}
-    aligned = [tensor for tensor in tensors if reader.is_aligned(tensor)]
+    precision = scoring.precision(precision)
+    wanted = [
+        (tensor, index)
+        for tensor in tensors
+        for index in range(len(models))
+        if only is None or (tensor.name, index) in only
+    ]
+    scores: dict[Place, BoundedScore | None] = {}
+    aligned = [(t, i) for t, i in wanted if reader.is_aligned(t)]
     jobs, places = [], []
-    for tensor in tensors:
+    for tensor, index in wanted:
         if reader.is_aligned(tensor):
             continue
-        for index, (model, stored) in enumerate(zip(models, tensor.stored_names)):
-            known = model.content.known(stored)
-            score = cache.get(known.hash) if cache and known else None
-            if score is not None:
-                scores[tensor.name][index] = score
-                continue
-            header = model.headers[stored]
-            where = f"model {model.name}: tensor {stored}"
-            job = CopyJob(where, header, scoring.name, scoring.version, device)
-            jobs.append(replace(job, hub_file=model.hub_file(header.path)))
-            places.append((tensor.name, index, stored))
+        model, stored = models[index], tensor.stored_names[index]
+        known = model.content.known(stored)
+        score = cache.get(known.hash, precision) if cache and known else None
+        if score is not None:
+            scores[tensor.name, index] = score
+            continue
+        header = model.headers[stored]
+        where = f"model {model.name}: tensor {stored}"
+        job = CopyJob(where, header, scoring.name, scoring.version, precision, device)
+        jobs.append(replace(job, hub_file=model.hub_file(header.path)))
+        places.append((tensor.name, index, stored))
     largest = max((working_set(job.header) for job in jobs), default=0)
-    total = len(tensors) * len(models)
+    what = "NER scoring" if precision == "fast" or only is None else "NER refining"
     progress = tqdm.tqdm(
-        total=total,
-        initial=total - len(jobs) - len(aligned) * len(models),
-        desc=f"NER scoring ({workers.describe(largest)})",
+        total=len(wanted),
+        initial=len(wanted) - len(jobs) - len(aligned),
+        desc=f"{what} ({workers.describe(largest)})",
         unit="tensor",
         disable=quiet,
     )
-    with progress, one_thread_per_score():
+    with progress, reproducible_scoring():
         if workers.in_process:
             function = partial(score_copy, scoring=scoring, shared=SharedScores(cache))
         else:  # results come back here, to be stored in the cache
@@ -327,20 +375,25 @@ def score_matrices(
                 models[index].content.record(stored, scored.digest)
                 score = _checked(scored.score, nonfinite, jobs[number].where)
                 if cache and scored.fresh and score is not None:
-                    cache.put(scored.digest.hash, score)
-                scores[name][index] = score
+                    cache.put(scored.digest.hash, precision, score)
+                scores[name, index] = score
                 progress.update()
-        for tensor in aligned:
+        for tensor in dict.fromkeys(t for t, _ in aligned):
+            indices = {i for t, i in aligned if t is tensor}
             for index, copy in enumerate(reader.copies(tensor)):
-                stored = tensor.stored_names[index]
-                where = f"model {models[index].name}: tensor {stored}"
-                score = _score(copy, scoring, device, nonfinite, where)
-                scores[tensor.name][index] = score
-                progress.update()
+                if index in indices:
+                    stored = tensor.stored_names[index]
+                    where = f"model {models[index].name}: tensor {stored}"
+                    scores[tensor.name, index] = _score(
+                        copy, scoring, precision, device, nonfinite, where
+                    )
+                    progress.update()
     return scores
 
 
-def _checked(score: float | None, nonfinite: str, where: str) -> float | None:
+def _checked(
+    score: BoundedScore | None, nonfinite: str, where: str
+) -> BoundedScore | None:
     """A worker's score; None (a copy holding NaN or Inf) is refused unless
     `nonfinite` is "lose"."""
     if score is not None:
@@ -355,12 +408,17 @@ def _checked(score: float | None, nonfinite: str, where: str) -> float | None:
 
 
 def _score(
-    copy: torch.Tensor, scoring: Scoring, device: str | None, nonfinite: str, where: str
-) -> float | None:
+    copy: torch.Tensor,
+    scoring: Scoring,
+    precision: Precision,
+    device: str | None,
+    nonfinite: str,
+    where: str,
+) -> BoundedScore | None:
     """One aligned copy's score; None for a non-finite copy when `nonfinite` is
     "lose"."""
     try:
-        return scoring.score(copy.to(device) if device else copy)
+        return scoring.score(copy.to(device) if device else copy, precision)
     except NonFiniteMatrixError:
         return _checked(None, nonfinite, where)
 

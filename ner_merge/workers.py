@@ -4,7 +4,7 @@ A score must not depend on where or beside what it was computed, or a map would
 change with the machine's core count: BLAS and LAPACK sum in an order that
 depends on their thread count, and the same matrix scored with 1 and 2 threads
 differed in its last bit for 41 of 87 matrices here. So every score is computed
-by one thread (`one_thread_per_score`), and parallelism comes from scoring
+by one thread (`reproducible_scoring`), and parallelism comes from scoring
 whole tensors side by side: N workers give the very bytes one worker gives.
 
 Threads suffice because the work happens in BLAS, LAPACK, torch and file reads,
@@ -55,22 +55,27 @@ class Workers(Protocol):
 
 
 @contextmanager
-def one_thread_per_score() -> Iterator[None]:
-    """BLAS, LAPACK and torch each use one thread inside this block.
+def reproducible_scoring() -> Iterator[None]:
+    """BLAS, LAPACK and torch each use one thread inside this block, and float32
+    products run at full float32 precision (never TF32 on a GPU, which the float32
+    route's error bound does not allow for).
 
-    The limits are process-wide, so the block wraps the whole scoring phase, not
-    each score: worker threads started inside it inherit them.
+    The settings are process-wide, so the block wraps the whole scoring phase,
+    not each score: worker threads started inside it inherit them.
     """
     import torch
     from threadpoolctl import threadpool_limits
 
-    previous = torch.get_num_threads()
+    threads = torch.get_num_threads()
+    matmul = torch.get_float32_matmul_precision()
     torch.set_num_threads(1)
+    torch.set_float32_matmul_precision("highest")
     try:
         with threadpool_limits(limits=1):
             yield
     finally:
-        torch.set_num_threads(previous)
+        torch.set_num_threads(threads)
+        torch.set_float32_matmul_precision(matmul)
 
 
 class LocalWorkers:

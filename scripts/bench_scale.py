@@ -58,10 +58,10 @@ def time_shapes() -> None:
     import torch
 
     from ner_merge.ner import normalized_effective_rank
-    from ner_merge.workers import one_thread_per_score
+    from ner_merge.workers import reproducible_scoring
 
     generator = torch.Generator().manual_seed(0)
-    with one_thread_per_score():
+    with reproducible_scoring():
         for label, shape in SHAPES.items():
             matrix = torch.randn(shape, generator=generator).bfloat16()
             start = time.perf_counter()

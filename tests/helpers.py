@@ -97,6 +97,19 @@ def reference_ner(matrix: torch.Tensor) -> float:
     return float(-(p * np.log2(p)).sum() / np.log2(len(values)))
 
 
+# How far the package's exact score may lie from `reference_ner` (two float64
+# computations by different routes).
+REFERENCE_TOLERANCE = 1e-9
+
+
+def assert_scores_near_reference(choice, expected: list[float], names: list[str]):
+    """Each model's score in a map equals the reference within its own bound: its
+    recorded bound for a float32 score, REFERENCE_TOLERANCE for an exact one."""
+    for name, reference in zip(names, expected):
+        allowed = choice.bounds.get(name, 0.0) + REFERENCE_TOLERANCE
+        assert abs(choice.scores[name] - reference) <= allowed, (name, choice)
+
+
 def brute_force_winners(models: list[Path]) -> dict[str, int]:
     """For every 2-D float tensor: index of the highest-NER model, first on ties."""
     loaded = [load_tensors(m) for m in models]
@@ -199,6 +212,7 @@ def small_source_map() -> SourceMap:
             layer=0,
             shape=(4, 2),
             scores={"base": 0.5, "tuned": 0.75},
+            bounds={"tuned": 2e-6},
         ),
         "model.layers.0.self_attn.q_proj.bias": TensorChoice(
             source="tuned",

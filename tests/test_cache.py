@@ -15,6 +15,7 @@ from ner_merge import content, planner, scoring
 from ner_merge.cache import CACHE_DIR_VARIABLE, ScoreCache, default_cache_dir
 from ner_merge.errors import SourceMapError
 from ner_merge.models import ResolvedModel
+from ner_merge.ner import BoundedScore
 from ner_merge.planner import plan
 from ner_merge.recipe import Recipe
 from ner_merge.workers import LocalWorkers
@@ -64,12 +65,24 @@ def test_a_changed_model_is_scored_again(tmp_path, qwen_trio, monkeypatch):
 
 
 def test_options_and_kernel_version_are_part_of_the_key(tmp_path, monkeypatch):
-    ScoreCache(tmp_path, {"mode": "a"}).put("f" * 64, 0.5)
-    assert ScoreCache(tmp_path, {"mode": "a"}).get("f" * 64) == 0.5
-    assert ScoreCache(tmp_path, {"mode": "b"}).get("f" * 64) is None
-    assert ScoreCache(tmp_path, {"mode": "a"}).get("e" * 64) is None
+    ScoreCache(tmp_path, {"mode": "a"}).put("f" * 64, "exact", BoundedScore(0.5))
+    assert ScoreCache(tmp_path, {"mode": "a"}).get("f" * 64, "exact").value == 0.5
+    assert ScoreCache(tmp_path, {"mode": "b"}).get("f" * 64, "exact") is None
+    assert ScoreCache(tmp_path, {"mode": "a"}).get("e" * 64, "exact") is None
     monkeypatch.setattr("ner_merge.cache.KERNEL_VERSION", -1)
-    assert ScoreCache(tmp_path, {"mode": "a"}).get("f" * 64) is None
+    assert ScoreCache(tmp_path, {"mode": "a"}).get("f" * 64, "exact") is None
+
+
+def test_fast_and_exact_scores_are_kept_apart(tmp_path):
+    cache = ScoreCache(tmp_path, {})
+    cache.put("f" * 64, "fast", BoundedScore(0.5, 1e-6))
+    assert cache.get("f" * 64, "fast") == BoundedScore(0.5, 1e-6)
+    assert cache.get("f" * 64, "exact") is None  # a bounded score is not exact
+    cache.put("f" * 64, "exact", BoundedScore(0.5000004))  # a refinement adds it
+    assert cache.get("f" * 64, "exact") == BoundedScore(0.5000004)
+    assert cache.get("f" * 64, "fast") == BoundedScore(0.5, 1e-6)  # which stays
+    cache.put("e" * 64, "fast", BoundedScore(0.25))  # float32 gave way: exact
+    assert cache.get("e" * 64, "exact") == cache.get("e" * 64, "fast")
 
 
 def test_location_follows_the_environment(tmp_path, monkeypatch):
@@ -84,22 +97,22 @@ def test_location_follows_the_environment(tmp_path, monkeypatch):
 
 def test_leftovers_of_a_killed_run_are_harmless(tmp_path):
     cache = ScoreCache(tmp_path, {})
-    cache.put("f" * 64, 0.25)
+    cache.put("f" * 64, "exact", BoundedScore(0.25))
     (entry,) = (tmp_path).rglob("*.json")
     (entry.parent / "tmpkilled.tmp").write_text('{"tensor": "w", "ner"')  # cut short
-    assert cache.get("f" * 64) == 0.25
+    assert cache.get("f" * 64, "exact") == BoundedScore(0.25)
     entry.write_text("not json")  # a corrupt entry is a miss, then overwritten
-    assert cache.get("f" * 64) is None
-    cache.put("f" * 64, 0.75)
-    assert cache.get("f" * 64) == 0.75
+    assert cache.get("f" * 64, "exact") is None
+    cache.put("f" * 64, "exact", BoundedScore(0.75))
+    assert cache.get("f" * 64, "exact") == BoundedScore(0.75)
 
 
 def _hammer(root: str, worker: int) -> None:
     cache = ScoreCache(root, {})
     for i in range(200):
-        cache.put(f"{i % 5}" * 64, float(i % 5))
-        value = cache.get(f"{(i + worker) % 5}" * 64)
-        assert value is None or value == float((i + worker) % 5)
+        cache.put(f"{i % 5}" * 64, "fast", BoundedScore(float(i % 5), 1e-6))
+        found = cache.get(f"{(i + worker) % 5}" * 64, "fast")
+        assert found is None or found == BoundedScore(float((i + worker) % 5), 1e-6)
 
 
 def test_concurrent_writers_never_leave_a_broken_entry(tmp_path):
@@ -235,10 +248,17 @@ def test_hub_snapshot_files_are_known_by_their_blob(tmp_path):
 
 def test_a_malformed_cache_entry_is_a_miss_said_once(tmp_path, caplog):
     cache = ScoreCache(tmp_path, {})
-    for index, text in enumerate(["[1, 2]", '"text"', '{"ner": "0.5"}', "null"]):
+    malformed = [
+        "[1, 2]",
+        '"text"',
+        '{"ner": "0.5"}',
+        "null",
+        '{"ner": 0.5, "bound": -1.0}',
+    ]
+    for index, text in enumerate(malformed):
         tensor_hash = f"{index}" * 64
-        cache.put(tensor_hash, 0.5)
+        cache.put(tensor_hash, "fast", BoundedScore(0.5, 1e-6))
         (entry,) = [p for p in tmp_path.rglob("*.json") if tensor_hash in p.read_text()]
         entry.write_text(text)
-        assert cache.get(tensor_hash) is None
+        assert cache.get(tensor_hash, "fast") is None
     assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1

@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
@@ -18,6 +17,7 @@ from tests.helpers import (
     FLAT_TENSOR,
     RANK1_TENSOR,
     assert_bit_identical_to_sources,
+    assert_scores_near_reference,
     brute_force_winners,
     load_tensors,
     reference_ner,
@@ -75,7 +75,7 @@ def test_scores_match_the_reference_and_biases_follow_their_matrix(tmp_path, qwe
     for name, choice in source_map.tensors.items():
         if choice.rule == "highest-ner":
             expected = [reference_ner(t[name]) for t in tensors]
-            assert list(choice.scores.values()) == pytest.approx(expected, abs=1e-9)
+            assert_scores_near_reference(choice, expected, list(choice.scores))
         elif name.endswith(".bias"):
             matrix = name.removesuffix(".bias") + ".weight"
             assert choice.follows == Follows(kind="tensor", name=matrix)
