@@ -282,15 +282,29 @@ def fast_score(
     if a.dtype in FLOAT32_EXACT_DTYPES and m >= FAST_MIN_ASPECT * n:
         gram = gram_lower_triangle(a, torch.float32)
         top = gram.diagonal().max().item()  # NaN if a value is NaN
-        if SMALLEST_FLOAT32_GRAM <= top < math.inf:
+        # delta as a share of the computed lambda_max (the true one may exceed
+        # it by delta itself).
+        unit = GRAM_SAFETY_FACTOR * math.sqrt(n) * FLOAT32_EPS
+        share = unit / (1 - unit)
+        if SMALLEST_FLOAT32_GRAM <= top < math.inf and _may_bound(gram, share * top):
             eigenvalues = torch.linalg.eigvalsh(gram, UPLO="L")
             eigenvalues = eigenvalues.to("cpu", torch.float64)  # ascending
-            # delta scales with the true lambda_max, which may exceed the one
-            # computed by at most delta itself.
-            share = GRAM_SAFETY_FACTOR * math.sqrt(n) * FLOAT32_EPS
-            delta = share * eigenvalues[-1].item() / (1 - share)
-            bound = ner_error_bound(eigenvalues, delta)
+            bound = ner_error_bound(eigenvalues, share * eigenvalues[-1].item())
             if bound < math.inf:
                 value = ner_from_singular_values(eigenvalues.sqrt())
                 return BoundedScore(value, bound + NER_TOLERANCE)
     return BoundedScore(normalized_effective_rank(matrix, device))
+
+
+def _may_bound(gram: torch.Tensor, delta: float) -> bool:
+    """Whether G's smallest eigenvalue may be large enough for `ner_error_bound`
+    to be finite with this delta: a Cholesky factorization of G shifted down by
+    that limit (a sixth of an eigensolve's time) fails when it is not, sparing a
+    matrix float32 cannot score (trained or power-law, with small singular
+    values) the eigensolve. delta from the largest diagonal entry, which is at
+    most lambda_max: the test may pass a matrix whose bound is then infinite,
+    never fail one whose bound is finite (up to the factorization's rounding).
+    """
+    limit = delta / -math.expm1(-2 * LARGEST_RELATIVE_DOUBT)  # where doubt hits it
+    shifted = gram - limit * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+    return torch.linalg.cholesky_ex(shifted).info.item() == 0
