@@ -5,13 +5,15 @@ and output tensors (`ner_merge.inventory`), the NaN/Inf checks and scoring
 (`ner_merge.scoring`), the selection rules (`ner_merge.selection`, the only home
 of the rules) and the stabilize stage; the result is a source map.
 
-Scoring is fast by default: every copy in float32 with a bound on its error,
-then, for the few decisions those bounds leave in doubt (near ties), the copies
-that could win them in float64 (`selection.uncertain_copies`). Every choice is
-the one float64 scores alone would make.
+Scoring is fast by default: copies in float32 with a bound on their error
+(where float32 settles decisions: see `_where_float32_settles`), then, for the
+decisions those bounds leave in doubt (near ties), the copies that could win
+them in float64 (`selection.uncertain_copies`). Every choice is the one float64
+scores alone would make.
 """
 
-from functools import partial
+from collections.abc import Callable
+from dataclasses import replace
 
 from mergekit.common import dtype_from_name
 from mergekit.options import MergeOptions
@@ -25,6 +27,7 @@ from ner_merge.inventory import (
     resolve_models,
 )
 from ner_merge.models import ResolvedModel
+from ner_merge.names import tensor_type
 from ner_merge.ner import BoundedScore
 from ner_merge.recipe import Recipe
 from ner_merge.scoring import (
@@ -32,13 +35,17 @@ from ner_merge.scoring import (
     SPEC_SCORING,
     CopyReader,
     Place,
+    Precision,
     check_device,
     check_finite,
+    every_copy,
     nonfinite_copies,
     score_matrices,
     stabilized,
 )
 from ner_merge.selection import (
+    Group,
+    Grouping,
     Selection,
     SelectionError,
     choose,
@@ -84,28 +91,32 @@ def plan(
     reader = CopyReader(models, vocabulary)
     cache_dir = default_cache_dir()
     device = merge_options.device
-    score = partial(
-        score_matrices,
-        to_score,
-        models,
-        reader,
-        scoring,
-        recipe.options.nonfinite,
-        quiet=quiet or merge_options.quiet,
-        cache=ScoreCache(cache_dir, scoring.cache_options(device))
-        if cache_dir
-        else None,
-        device=device,
-        workers=workers,
-    )
-    found = score(precision=recipe.options.precision)
+    cache = ScoreCache(cache_dir, scoring.cache_options(device)) if cache_dir else None
+
+    def score(wanted: dict[Place, Precision]) -> dict[Place, BoundedScore | None]:
+        return score_matrices(
+            to_score,
+            models,
+            reader,
+            wanted,
+            scoring,
+            recipe.options.nonfinite,
+            quiet=quiet or merge_options.quiet,
+            cache=cache,
+            device=device,
+            workers=workers,
+        )
+
+    if recipe.options.precision == "fast":
+        found = _where_float32_settles(score, grouping, to_score, models, reader)
+    else:
+        found = score(every_copy(to_score, len(models), "exact"))
     nonfinite = nonfinite_copies(tensors, models)
     scores, bounds = _by_tensor(found, to_score, len(models))
-    refine = uncertain_copies(
-        grouping, scores, bounds, nonfinite, _contents(to_score, models, reader)
-    )
+    contents = _contents(to_score, models, reader)
+    refine = uncertain_copies(grouping, scores, bounds, nonfinite, contents)
     if refine:  # near ties: the copies that may win them, scored exactly
-        found |= score(precision="exact", only=refine)
+        found |= score(dict.fromkeys(sorted(refine), "exact"))
         scores, bounds = _by_tensor(found, to_score, len(models))
     refined = {name for name, _ in refine}
     try:
@@ -130,6 +141,59 @@ def plan(
         options=recipe.options.planned(),
         tensors=choices,
     )
+
+
+def _where_float32_settles(
+    score: Callable[[dict[Place, Precision]], dict[Place, BoundedScore | None]],
+    grouping: Grouping,
+    tensors: list[OutputTensor],
+    models: list[ResolvedModel],
+    reader: CopyReader,
+) -> dict[Place, BoundedScore | None]:
+    """Every copy's score: fast where float32 settles decisions, exact elsewhere.
+
+    A near tie costs its float32 scores and then float64 ones, more than float64
+    alone, and fine-tunes close to their base make near ties of most decisions
+    of a kind (the same tensor, block or layer at every depth). Which kinds float32
+    settles is seen in one decoder layer, the middle one (the first and last are
+    often unlike the rest): it and everything outside the layers are scored fast;
+    in the other layers, only the kinds float32 settled there. What is scored how
+    depends on scores alone, never on the workers.
+    """
+    count = len(models)
+    layers = sorted({tensor.layer for tensor in tensors if tensor.layer is not None})
+    probe = {None, layers[len(layers) // 2]} if layers else {None}
+    found = score(every_copy([t for t in tensors if t.layer in probe], count, "fast"))
+    groups = [
+        group
+        for group in grouping.groups
+        if not group.kept and all(t.layer in probe for t in group.scored)
+    ]
+    seen = [t for t in tensors if t.layer in probe]
+    scores, bounds = _by_tensor(found, seen, count)
+    contents = _contents(seen, models, reader)
+    probed = replace(grouping, groups=tuple(groups))
+    refine = uncertain_copies(probed, scores, bounds, None, contents)
+    settled = {
+        _kind(group)
+        for group in groups
+        if not any((t.name, i) in refine for t in group.scored for i in range(count))
+        and any(any(bounds[t.name]) for t in group.scored)
+    }
+    kinds = {t.name: _kind(g) for g in grouping.groups for t in g.scored}
+    rest = {
+        (tensor.name, index): "fast" if kinds[tensor.name] in settled else "exact"
+        for tensor in tensors
+        if tensor.layer not in probe
+        for index in range(count)
+    }
+    return found | (score(rest) if rest else {})
+
+
+def _kind(group: Group) -> tuple[str, ...]:
+    """What a group is at every depth: its scored tensors' names without their
+    layer prefix (`mlp.up_proj.weight`; a block or layer, all of them)."""
+    return tuple(tensor_type(t.name, t.layer) for t in group.scored)
 
 
 def _by_tensor(

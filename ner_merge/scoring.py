@@ -299,21 +299,27 @@ def working_set(header: TensorHeader) -> int:
 Place = tuple[str, int]
 
 
+def every_copy(
+    tensors: list[OutputTensor], count: int, precision: Precision
+) -> dict[Place, Precision]:
+    """Every candidate's copy of every given tensor, all in one precision."""
+    return {(t.name, index): precision for t in tensors for index in range(count)}
+
+
 def score_matrices(
     tensors: list[OutputTensor],
     models: list[ResolvedModel],
     reader: CopyReader,
+    wanted: dict[Place, Precision],
     scoring: Scoring = SPEC_SCORING,
     nonfinite: str = "error",
     quiet: bool = False,
     cache: ScoreCache | None = None,
     device: str | None = None,
     workers: Workers | None = None,
-    precision: Precision = "exact",
-    only: set[Place] | None = None,
 ) -> dict[Place, BoundedScore | None]:
-    """Every model's score of every given tensor (with `only`: of those copies),
-    in `precision` where the scoring mode has it.
+    """The scores of the wanted copies of the given tensors, each in the
+    precision asked for (where the scoring mode has it).
 
     A copy holding NaN or Inf stops the plan, naming model and tensor, unless
     `nonfinite` is "lose": then its score is None, which loses to any number.
@@ -329,17 +335,15 @@ def score_matrices(
     Scoring runs on `device` (mergekit's --device).
     """
     workers = workers or LocalWorkers(1)
-    precision = scoring.precision(precision)
-    wanted = [
-        (tensor, index)
-        for tensor in tensors
-        for index in range(len(models))
-        if only is None or (tensor.name, index) in only
+    by_name = {tensor.name: tensor for tensor in tensors}
+    copies = [
+        (by_name[name], index, scoring.precision(precision))
+        for (name, index), precision in wanted.items()
     ]
     scores: dict[Place, BoundedScore | None] = {}
-    aligned = [(t, i) for t, i in wanted if reader.is_aligned(t)]
+    aligned = [copy for copy in copies if reader.is_aligned(copy[0])]
     jobs, places = [], []
-    for tensor, index in wanted:
+    for tensor, index, precision in copies:
         if reader.is_aligned(tensor):
             continue
         model, stored = models[index], tensor.stored_names[index]
@@ -354,11 +358,10 @@ def score_matrices(
         jobs.append(replace(job, hub_file=model.hub_file(header.path)))
         places.append((tensor.name, index, stored))
     largest = max((working_set(job.header) for job in jobs), default=0)
-    what = "NER scoring" if precision == "fast" or only is None else "NER refining"
     progress = tqdm.tqdm(
-        total=len(wanted),
-        initial=len(wanted) - len(jobs) - len(aligned),
-        desc=f"{what} ({workers.describe(largest)})",
+        total=len(copies),
+        initial=len(copies) - len(jobs) - len(aligned),
+        desc=f"NER scoring ({workers.describe(largest)})",
         unit="tensor",
         disable=quiet,
     )
@@ -372,20 +375,21 @@ def score_matrices(
         with closing(workers.run(function, jobs, largest)) as finished:
             for number, scored in finished:
                 name, index, stored = places[number]
+                job = jobs[number]
                 models[index].content.record(stored, scored.digest)
-                score = _checked(scored.score, nonfinite, jobs[number].where)
+                score = _checked(scored.score, nonfinite, job.where)
                 if cache and scored.fresh and score is not None:
-                    cache.put(scored.digest.hash, precision, score)
+                    cache.put(scored.digest.hash, job.precision, score)
                 scores[name, index] = score
                 progress.update()
-        for tensor in dict.fromkeys(t for t, _ in aligned):
-            indices = {i for t, i in aligned if t is tensor}
+        for tensor in dict.fromkeys(tensor for tensor, _, _ in aligned):
+            precisions = {i: p for t, i, p in aligned if t is tensor}
             for index, copy in enumerate(reader.copies(tensor)):
-                if index in indices:
+                if index in precisions:
                     stored = tensor.stored_names[index]
                     where = f"model {models[index].name}: tensor {stored}"
                     scores[tensor.name, index] = _score(
-                        copy, scoring, precision, device, nonfinite, where
+                        copy, scoring, precisions[index], device, nonfinite, where
                     )
                     progress.update()
     return scores
