@@ -115,7 +115,7 @@ def merge(
             except SourceMapError as error:  # from the method, naming the staged copy
                 raise as_given(error, map_path, recipe.options.source_map) from None
             if merge_options.write_model_card:
-                write_model_card(staging, recipe, config_source)
+                write_model_card(staging, recipe.config, config_source)
             write_report(staging, source_map, recipe)
     return source_map
 
