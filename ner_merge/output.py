@@ -9,6 +9,9 @@ What is never done to OUT (the README's list):
 - a symbolic link is followed: its target is replaced and the link is kept;
 - two merges never write one OUT at once: a lock file beside OUT is held for the
   whole run, and a second run stops at once, saying so;
+- every file published gets the permissions the user's umask gives a new file
+  (safetensors writes its files 0600, through a temporary file, which would make
+  a shared model folder unreadable to the group);
 - a staged merge is complete once its manifest is written. Publishing moves the
   old OUT aside, renames the staged folder to OUT, then deletes the old one. A run
   killed between the two renames leaves both beside OUT, and the next run
@@ -21,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +38,7 @@ STAGING_SUFFIX = ".ner-partial"
 LOCK_SUFFIX = ".ner-lock"
 PREVIOUS = "previous"  # inside the staging root: OUT moved aside while publishing
 MAX_NAMED = 5  # files named in a refusal
+MODE_PROBE = ".ner-merge-mode-probe"  # created and removed at once, in staging
 
 
 def _listed(paths: list[str]) -> str:
@@ -55,6 +60,28 @@ def _manifest(folder: Path) -> set[str] | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return set(files) if isinstance(files, list) else None
+
+
+def _creation_mode(folder: Path) -> int:
+    """The permission bits a new file gets in `folder`: 0o666 less the umask (or
+    as a default ACL says). Found by creating a file, since os.umask reads the
+    umask only by setting it, for every thread of the process at once."""
+    probe = folder / MODE_PROBE
+    handle = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    try:
+        return stat.S_IMODE(os.fstat(handle).st_mode)
+    finally:
+        os.close(handle)
+        os.unlink(probe)
+
+
+def _give_creation_mode(folder: Path) -> None:
+    """Every file under `folder` as a plain write under the user's umask makes it
+    (writers that create files 0600 first, or copies keeping a source's bits)."""
+    mode = _creation_mode(folder)
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
 
 
 class OutputFolder:
@@ -183,6 +210,7 @@ class OutputFolder:
         self._publish(staging)
 
     def _publish(self, staging: Path) -> None:
+        _give_creation_mode(staging)
         files = _files_of(staging) + [MANIFEST_FILE]
         manifest = json.dumps({"files": files}, indent=1) + "\n"
         (staging / MANIFEST_FILE).write_text(manifest, encoding="utf-8")

@@ -165,3 +165,20 @@ def test_a_staging_folder_with_foreign_files_is_left_alone(workspace):
     with pytest.raises(OutputError, match="diary.txt"):
         run_merge(workspace / "recipe.yml", workspace / "out")
     assert (staging / "diary.txt").read_text() == "not a merge's"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_every_published_file_has_the_users_umask(workspace, umask):
+    """safetensors creates its files 0600; a merge is published as the user's
+    umask says, so a group can read a shared model folder (or not)."""
+    previous = os.umask(umask)
+    try:
+        run_merge(workspace / "recipe.yml", workspace / "out")
+    finally:
+        os.umask(previous)
+    modes = {
+        str(path.relative_to(workspace / "out")): path.stat().st_mode & 0o777
+        for path in (workspace / "out").rglob("*")
+    }
+    assert "model.safetensors" in modes
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)
