@@ -50,8 +50,15 @@ def _print_version(context: click.Context, _: click.Parameter, value: bool) -> N
     callback=_print_version,
     help="Show the ner-merge and mergekit versions and exit.",
 )
-@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
-def main(verbose: bool) -> None:
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="Log progress details, and show the progress bars of transformers "
+    "and mergekit.",
+)
+@click.pass_context
+def main(context: click.Context, verbose: bool) -> None:
     """Normalized-Effective-Rank layer selection for mergekit.
 
     Merging is done by mergekit itself: `mergekit-yaml RECIPE OUT` with a recipe
@@ -59,6 +66,20 @@ def main(verbose: bool) -> None:
     it, show a plan, and measure the result.
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
+    context.obj = {"verbose": verbose}
+
+
+def _verbose(context: click.Context) -> bool:
+    return context.find_root().obj["verbose"]
+
+
+def _quiet_transformers(context: click.Context) -> None:
+    """No transformers progress bars ("Loading weights", "Writing model shards":
+    one per model loaded or saved) unless -v asked for detail."""
+    if not _verbose(context):
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
 
 
 def check_output_file(path: str) -> None:
@@ -258,21 +279,25 @@ def eval_command(
 
 @main.command("demo")
 @click.argument("out_dir", type=click.Path(file_okay=False))
-def demo_command(out_dir: str) -> None:
+@click.pass_context
+def demo_command(context: click.Context, out_dir: str) -> None:
     """Train the demo trio (tiny Qwen2 base + two fine-tunes) into OUT_DIR."""
     from ner_merge.demo import build
 
-    logging.getLogger("ner_merge").setLevel(logging.INFO)
-    for name, path in build(Path(out_dir)).items():
-        click.echo(f"{name}: {path}")
+    _quiet_transformers(context)
+    build(Path(out_dir), click.echo)
 
 
 @main.command("generate")
 @click.argument("model_dir", type=click.Path(file_okay=False, exists=True))
 @click.argument("prompt")
 @click.option("--tokens", default=40, show_default=True, help="Tokens to generate.")
-def generate_command(model_dir: str, prompt: str, tokens: int) -> None:
+@click.pass_context
+def generate_command(
+    context: click.Context, model_dir: str, prompt: str, tokens: int
+) -> None:
     """Greedy sample from a model folder: a quick look at a merge's output."""
     from ner_merge.demo import generate
 
+    _quiet_transformers(context)
     click.echo(f"{model_dir}: {generate(model_dir, prompt, tokens)!r}")
