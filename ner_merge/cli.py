@@ -1,5 +1,5 @@
-"""The `ner-merge` command: plan and inspect a merge without running it, and
-evaluate the result.
+"""The `ner-merge` command: plan and inspect a merge without running it,
+evaluate the result, and compare recipes.
 
 Merging itself is the stock `mergekit-yaml RECIPE OUT`; this CLI adds what
 mergekit has no verb for.
@@ -272,6 +272,60 @@ def eval_command(
     progress = None if quiet else lambda line: click.echo(line, err=True)
     try:
         table = evaluate(models, texts or DEMO_TEXTS, device, window, progress)
+    except NerMergeError as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(table.render())
+
+
+@main.command("compare")
+@click.argument(
+    "recipe_files", nargs=-1, required=True, type=click.Path(dir_okay=False)
+)
+@click.option(
+    "--linear",
+    is_flag=True,
+    help="Also merge a plain average of the same models (mergekit's linear, "
+    "equal weights), as DIR/linear.",
+)
+@click.option(
+    "-t",
+    "--text",
+    "texts",
+    multiple=True,
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="A text file to score every model on (repeatable).",
+)
+@click.option(
+    "-o",
+    "--output",
+    "out_dir",
+    default="compare-out",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="The folder for the merges and the table (replaced whole, and only "
+    "if a comparison wrote it).",
+)
+@click.pass_context
+def compare_command(
+    context: click.Context,
+    recipe_files: tuple[str, ...],
+    linear: bool,
+    texts: tuple[str, ...],
+    out_dir: str,
+) -> None:
+    """Which recipe wins? Merge each RECIPE_FILE (NER recipes of the same models,
+    other options) into DIR/NAME, with --linear also their plain average; score
+    every merge and input model on every text; print the table and write it into
+    DIR (compare.md, compare.json, compare.png).
+
+    A line per step goes to stderr as it runs; the table goes to stdout.
+    """
+    from ner_merge.compare import compare
+
+    _quiet_transformers(context)
+    try:
+        table = compare(recipe_files, texts, out_dir, linear, verbose=_verbose(context))
     except NerMergeError as error:
         raise click.ClickException(str(error)) from error
     click.echo(table.render())

@@ -87,8 +87,9 @@ def _give_creation_mode(folder: Path) -> None:
 class OutputFolder:
     """OUT for one merge: `prepare()` before any work, `staged()` to write it."""
 
-    def __init__(self, out_path: str, inputs: list[str]) -> None:
-        self.given = out_path
+    def __init__(self, out_path: str, inputs: list[str], role: str = "OUT") -> None:
+        """role: how refusals name the folder (`OUT`, or the option that gave it)."""
+        self.named = f"{role} {out_path}"
         self.target = Path(out_path).resolve()  # follows a symlinked OUT
         self.inputs = [Path(path).resolve() for path in inputs]
         self.root = self.target.parent / f".{self.target.name}{STAGING_SUFFIX}"
@@ -108,35 +109,35 @@ class OutputFolder:
         here = Path.cwd().resolve()
         if self.target == here or self.target in here.parents:
             raise OutputError(
-                f"OUT {self.given}: is the current folder or holds it; a merge "
+                f"{self.named}: is the current folder or holds it; a merge "
                 "replaces OUT whole, so name a new folder"
             )
         for model in self.inputs:
             if self.target == model:
-                raise OutputError(f"OUT {self.given}: is input model {model}")
+                raise OutputError(f"{self.named}: is input model {model}")
             if model in self.target.parents:
-                raise OutputError(f"OUT {self.given}: lies in input model {model}")
+                raise OutputError(f"{self.named}: lies in input model {model}")
             if self.target in model.parents:
-                raise OutputError(f"OUT {self.given}: holds input model {model}")
+                raise OutputError(f"{self.named}: holds input model {model}")
 
     def _refuse_what_it_holds(self) -> None:
         if not self.target.exists():
             return
         if not self.target.is_dir():
-            raise OutputError(f"OUT {self.given}: is a file, not a folder")
+            raise OutputError(f"{self.named}: is a file, not a folder")
         present = sorted(os.listdir(self.target))  # not a walk: OUT may be huge
         if not present:
             return
         written = _manifest(self.target)
         if written is None:
             raise OutputError(
-                f"OUT {self.given}: exists and is not a merge's output (it holds "
+                f"{self.named}: exists and is not a merge's output (it holds "
                 f"{_listed(present)}); choose another folder or empty it yourself"
             )
         foreign = [name for name in _files_of(self.target) if name not in written]
         if foreign:
             raise OutputError(
-                f"OUT {self.given}: a merge's output with files added since "
+                f"{self.named}: a merge's output with files added since "
                 f"({_listed(foreign)}); move them out or choose another folder"
             )
 
@@ -151,7 +152,7 @@ class OutputFolder:
                 except BlockingIOError:
                     os.close(handle)
                     raise OutputError(
-                        f"OUT {self.given}: another merge is writing it (it holds "
+                        f"{self.named}: another merge is writing it (it holds "
                         f"{self.lock_path}); wait for it to end"
                     ) from None
                 # The holder before us may have removed the file as we opened it.
@@ -162,7 +163,7 @@ class OutputFolder:
                 os.close(handle)
         except OSError as error:
             raise OutputError(
-                f"OUT {self.given}: cannot write beside it ({error.strerror}: "
+                f"{self.named}: cannot write beside it ({error.strerror}: "
                 f"{error.filename})"
             ) from None
         try:
@@ -179,7 +180,7 @@ class OutputFolder:
         foreign = sorted(set(os.listdir(self.root)) - {staged.name, PREVIOUS})
         if foreign:
             raise OutputError(
-                f"OUT {self.given}: {self.root} holds files no merge wrote "
+                f"{self.named}: {self.root} holds files no merge wrote "
                 f"({_listed(foreign)}); move them out"
             )
         if not self.target.exists():
