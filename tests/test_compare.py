@@ -14,7 +14,7 @@ from ner_merge.cli import main
 from ner_merge.demo import TEXTS
 from ner_merge.evaluate import evaluate
 from ner_merge.source_map import SOURCE_MAP_FILE
-from tests.helpers import load_tensors, write_recipe
+from tests.helpers import load_tensors, snapshot, write_recipe
 
 CHARACTERS = 400  # of each held-out text: a few windows of the pico models
 RECIPES = {"tensor": {}, "layer": {"granularity": "layer"}}
@@ -123,25 +123,17 @@ def test_progress_is_a_line_per_step_and_a_total(compared):
 def test_the_same_inputs_give_the_same_bytes_and_a_rerun_replaces_dir(compared):
     """Run again into the same DIR (its own output: replaced) in a fresh score
     cache: every file is as before, but the report's `Created:` line."""
-    before = _snapshot(compared / "out")
+    before = snapshot(compared / "out")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(compared)
         done = _compare("-o", "out")
     assert done.exit_code == 0, done.output
-    after = _snapshot(compared / "out")
+    after = snapshot(compared / "out")
     assert after.keys() == before.keys()
     changed = [name for name in before if before[name] != after[name]]
     assert {Path(name).name for name in changed} <= {"ner_report.md"}
     for name in ("compare.json", "compare.md", "compare.png", "linear/README.md"):
         assert name in before
-
-
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(folder)): p.read_bytes()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 # --- refusals: one line each, before any work, nothing written ---------------------
@@ -155,12 +147,12 @@ def workspace(tmp_path, qwen_trio, monkeypatch) -> Path:
 
 
 def _refused(workspace: Path, cache: Path, arguments: list[str], says: str) -> None:
-    before = _snapshot(workspace)
+    before = snapshot(workspace)
     done = CliRunner().invoke(main, ["compare", *arguments])
     assert done.exit_code != 0
     message = done.stderr.strip().splitlines()
     assert len(message) == 1 and says in message[0], done.stderr
-    assert _snapshot(workspace) == before  # nothing deleted, nothing written
+    assert snapshot(workspace) == before  # nothing deleted, nothing written
     assert not list(cache.rglob("*.json"))  # nothing scored
 
 
