@@ -30,9 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import click
+import mergekit.merge
 from mergekit.config import InputModelDefinition, MergeConfiguration
 from mergekit.options import MergeOptions
 
+from ner_merge import pipeline
 from ner_merge.card import write_model_card
 from ner_merge.errors import CompareError
 from ner_merge.evaluate import (
@@ -43,6 +45,7 @@ from ner_merge.evaluate import (
     read_texts,
 )
 from ner_merge.inventory import resolve_models, with_local_models
+from ner_merge.method import register
 from ner_merge.models import ResolvedModel
 from ner_merge.output import OutputFolder
 from ner_merge.quiet import mergekit_notices_hidden
@@ -209,19 +212,17 @@ def _merge(
 ) -> None:
     """One merge into `out`: an NER recipe through the NER pipeline (its plan and
     merge steps timed apart), the average by mergekit itself."""
-    from mergekit.merge import run_merge as hooked
-
-    run_merge = inspect.unwrap(hooked)  # mergekit's own, whether hooked or not
+    run_merge = inspect.unwrap(mergekit.merge.run_merge)  # not the hook's wrap
     if merge.recipe is not None:
-        from ner_merge.method import register
-        from ner_merge.pipeline import merge as ner_merge
-
         register()  # done by the hook, unless NER_MERGE_DISABLE_HOOK=1
-
-        def step(kind: str):
-            return progress.step(kind, merge.label)
-
-        ner_merge(merge.recipe, str(out), options, merge.source, run_merge, step)
+        pipeline.merge(
+            merge.recipe,
+            str(out),
+            options,
+            merge.source,
+            run_merge,
+            lambda kind: progress.step(kind, merge.label),
+        )
         return
     with progress.step("merge", merge.label), mergekit_notices_hidden(options.quiet):
         run_merge(
