@@ -1,5 +1,5 @@
-"""The `ner-merge` command: plan and inspect a merge without running it, and
-evaluate the result.
+"""The `ner-merge` command: plan and inspect a merge without running it,
+evaluate the result, and compare recipes.
 
 Merging itself is the stock `mergekit-yaml RECIPE OUT`; this CLI adds what
 mergekit has no verb for.
@@ -50,8 +50,15 @@ def _print_version(context: click.Context, _: click.Parameter, value: bool) -> N
     callback=_print_version,
     help="Show the ner-merge and mergekit versions and exit.",
 )
-@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
-def main(verbose: bool) -> None:
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="Log progress details, and show the progress bars of transformers "
+    "and mergekit.",
+)
+@click.pass_context
+def main(context: click.Context, verbose: bool) -> None:
     """Normalized-Effective-Rank layer selection for mergekit.
 
     Merging is done by mergekit itself: `mergekit-yaml RECIPE OUT` with a recipe
@@ -59,6 +66,20 @@ def main(verbose: bool) -> None:
     it, show a plan, and measure the result.
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
+    context.obj = {"verbose": verbose}
+
+
+def _verbose(context: click.Context) -> bool:
+    return context.find_root().obj["verbose"]
+
+
+def _quiet_transformers(context: click.Context) -> None:
+    """No transformers progress bars ("Loading weights", "Writing model shards":
+    one per model loaded or saved) unless -v asked for detail."""
+    if not _verbose(context):
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
 
 
 def check_output_file(path: str) -> None:
@@ -266,23 +287,81 @@ def eval_command(
     click.echo(table.render())
 
 
+@main.command("compare")
+@click.argument(
+    "recipe_files", nargs=-1, required=True, type=click.Path(dir_okay=False)
+)
+@click.option(
+    "--linear",
+    is_flag=True,
+    help="Also merge a plain average of the same models (mergekit's linear, "
+    "equal weights), as DIR/linear.",
+)
+@click.option(
+    "-t",
+    "--text",
+    "texts",
+    multiple=True,
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="A text file to score every model on (repeatable).",
+)
+@click.option(
+    "-o",
+    "--output",
+    "out_dir",
+    default="compare-out",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="The folder for the merges and the table (replaced whole, and only "
+    "if a comparison wrote it).",
+)
+@click.pass_context
+def compare_command(
+    context: click.Context,
+    recipe_files: tuple[str, ...],
+    linear: bool,
+    texts: tuple[str, ...],
+    out_dir: str,
+) -> None:
+    """Which recipe wins? Merge each RECIPE_FILE (NER recipes of the same models,
+    other options) into DIR/NAME, with --linear also their plain average; score
+    every merge and input model on every text; print the table and write it into
+    DIR (compare.md, compare.json, compare.png).
+
+    A line per step goes to stderr as it runs; the table goes to stdout.
+    """
+    from ner_merge.compare import compare
+
+    _quiet_transformers(context)
+    try:
+        table = compare(recipe_files, texts, out_dir, linear, verbose=_verbose(context))
+    except NerMergeError as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(table.render())
+
+
 @main.command("demo")
 @click.argument("out_dir", type=click.Path(file_okay=False))
-def demo_command(out_dir: str) -> None:
+@click.pass_context
+def demo_command(context: click.Context, out_dir: str) -> None:
     """Train the demo trio (tiny Qwen2 base + two fine-tunes) into OUT_DIR."""
     from ner_merge.demo import build
 
-    logging.getLogger("ner_merge").setLevel(logging.INFO)
-    for name, path in build(Path(out_dir)).items():
-        click.echo(f"{name}: {path}")
+    _quiet_transformers(context)
+    build(Path(out_dir), click.echo)
 
 
 @main.command("generate")
 @click.argument("model_dir", type=click.Path(file_okay=False, exists=True))
 @click.argument("prompt")
 @click.option("--tokens", default=40, show_default=True, help="Tokens to generate.")
-def generate_command(model_dir: str, prompt: str, tokens: int) -> None:
+@click.pass_context
+def generate_command(
+    context: click.Context, model_dir: str, prompt: str, tokens: int
+) -> None:
     """Greedy sample from a model folder: a quick look at a merge's output."""
     from ner_merge.demo import generate
 
+    _quiet_transformers(context)
     click.echo(f"{model_dir}: {generate(model_dir, prompt, tokens)!r}")

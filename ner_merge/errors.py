@@ -23,3 +23,7 @@ class EvaluationError(NerMergeError):
 
 class OutputError(NerMergeError):
     """The output folder cannot be written, or must not be replaced."""
+
+
+class CompareError(NerMergeError):
+    """Recipes given to `ner-merge compare` cannot be compared with each other."""

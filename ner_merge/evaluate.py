@@ -42,9 +42,13 @@ class PerplexityTable:
     values: tuple[tuple[float, ...], ...]  # values[model][text]
     device: str
 
+    def best(self) -> list[float]:
+        """The lowest perplexity on each text."""
+        return [min(column) for column in zip(*self.values)]
+
     def render(self) -> str:
         """An aligned text table; `*` marks the lowest perplexity of each text."""
-        best = [min(column) for column in zip(*self.values)]
+        best = self.best()
         header = ["model", *self.texts]
         rows = [
             [model, *(f"{v:.2f}{'*' if v == b else ' '}" for v, b in zip(row, best))]
@@ -61,6 +65,20 @@ class PerplexityTable:
             cells = [line[0].ljust(widths[0])]
             cells += [text.rjust(width) for text, width in zip(line[1:], widths[1:])]
             lines.append("  ".join(cells).rstrip())
+        return "\n".join(lines)
+
+    def markdown(self) -> str:
+        """The same table in Markdown, the lowest perplexity of each text in bold."""
+        best = self.best()
+        lines = [
+            "| model | " + " | ".join(self.texts) + " |",
+            "|---|" + "---:|" * len(self.texts),
+        ]
+        for model, row in zip(self.models, self.values):
+            cells = [
+                f"**{v:.2f}**" if v == b else f"{v:.2f}" for v, b in zip(row, best)
+            ]
+            lines.append(f"| {model} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
 
@@ -101,6 +119,54 @@ def check_model_folders(models: Sequence[str | Path]) -> None:
             )
 
 
+def read_texts(
+    texts: Sequence[str | Path], folders: Sequence[str | Path]
+) -> dict[str, str]:
+    """Each text file's content, by path, once every one is known to be scorable:
+    readable, not empty, and at least two tokens long for the tokenizer of each
+    folder (perplexity predicts each token from the ones before it, so a text
+    needs two). Checked before any model is loaded, so a bad text fails at once
+    rather than after the models before it were scored.
+    """
+    contents: dict[str, str] = {}
+    named: dict[str, str] = {}  # file name without suffix: text
+    for text in texts:
+        name = Path(text).stem
+        if name in named:
+            raise EvaluationError(
+                f"{text}: another text has the name {name} ({named[name]}); "
+                "the table names each text by its file name, so give each once, "
+                "under names of their own"
+            )
+        named[name] = str(text)
+        try:
+            contents[str(text)] = Path(text).read_text(encoding="utf-8")
+        except OSError as error:
+            raise EvaluationError(
+                f"{text}: cannot read text: {error.strerror}"
+            ) from None
+        except UnicodeDecodeError as error:
+            raise EvaluationError(f"{text}: not UTF-8 text ({error})") from None
+        if not contents[str(text)].strip():
+            raise EvaluationError(f"{text}: empty; give a text to score")
+    for folder in dict.fromkeys(str(folder) for folder in folders):
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        for text, content in contents.items():
+            if len(_token_ids(tokenizer, content)) < 2:
+                raise EvaluationError(
+                    f"{text}: fewer than two tokens for the tokenizer of {folder}; "
+                    "perplexity needs at least two (the first is never predicted)"
+                )
+    return contents
+
+
+def _token_ids(tokenizer, content: str) -> torch.Tensor:
+    """A whole text as ids (the model scores it in windows: no length warning)."""
+    return torch.tensor(
+        tokenizer(content, verbose=False)["input_ids"], dtype=torch.long
+    )
+
+
 def evaluate(
     models: Sequence[str | Path],
     texts: Sequence[str | Path] = DEMO_TEXTS,
@@ -116,16 +182,9 @@ def evaluate(
     7B model takes minutes.
     """
     check_model_folders(models)
-    if device == "cuda" and not torch.cuda.is_available():
-        raise EvaluationError("device cuda asked for, but torch sees no CUDA device")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = evaluation_device(device)
+    contents = read_texts(texts, models)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    contents = {}
-    for text in texts:
-        try:
-            contents[text] = Path(text).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            raise EvaluationError(f"{text}: cannot read text: {error}") from None
     values = []
     for number, folder in enumerate(models, 1):
         if progress:
@@ -141,12 +200,7 @@ def evaluate(
         row = []
         with torch.inference_mode():
             for text, content in contents.items():
-                tokens = torch.tensor(
-                    tokenizer(content, verbose=False)["input_ids"], dtype=torch.long
-                )
-                if len(tokens) < 2:
-                    raise EvaluationError(f"{text}: fewer than two tokens to score")
-                row.append(perplexity(model, tokens, size))
+                row.append(perplexity(model, _token_ids(tokenizer, content), size))
                 LOG.info("%s on %s: perplexity %.3f", folder, text, row[-1])
         values.append(tuple(row))
         del model
@@ -158,6 +212,13 @@ def evaluate(
         values=tuple(values),
         device=device,
     )
+
+
+def evaluation_device(device: str | None) -> str:
+    """The device asked for ("cpu" or "cuda"), else CUDA when available."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EvaluationError("device cuda asked for, but torch sees no CUDA device")
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _load(folder: str | Path, device: str, dtype: torch.dtype):

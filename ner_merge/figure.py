@@ -1,19 +1,24 @@
-"""The merge at a glance, as a PNG: where each tensor came from, and why.
+"""The PNG figures: a merge at a glance (where each tensor came from, and why),
+and a comparison's perplexities (`ner-merge compare`).
 
-Top: a heat map of decoder layers (rows) by tensor type (columns), each cell
-coloured by the model its tensor was copied from. Below: one small panel per
-scored tensor type, with each model's NER of that tensor down the layers; at
-every layer the highest line is the heat map's colour in that column, so the
-panels show how clear each choice was.
+The merge's figure. Top: a heat map of decoder layers (rows) by tensor type
+(columns), each cell coloured by the model its tensor was copied from. Below:
+one small panel per scored tensor type, with each model's NER of that tensor
+down the layers; at every layer the highest line is the heat map's colour in
+that column, so the panels show how clear each choice was.
 
 matplotlib is the optional `report` extra: importing this module fails without
 it, and `ner_merge.report` then skips the figure. The figure is drawn on the Agg
 canvas directly, without pyplot, so no GUI backend or global state is involved,
 and it is saved without the `Software` metadata: the same map gives the same bytes.
+
+The comparison's figure: a group of bars per text, a bar per model (inputs,
+then merges), its height the perplexity; `*` above the best of each text.
 """
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgb
@@ -22,6 +27,9 @@ from matplotlib.patches import Patch
 
 from ner_merge.grid import SourceGrid, model_labels, short_labels, source_grid
 from ner_merge.source_map import SourceMap
+
+if TYPE_CHECKING:  # the table's module imports torch and transformers
+    from ner_merge.evaluate import PerplexityTable
 
 # The base is grey so that the cells where a fine-tune won stand out; fine-tunes
 # take matplotlib's tab10 colours in recipe order (grey left out), cycling.
@@ -131,3 +139,35 @@ def _draw_profile(axes, grid: SourceGrid, column: str) -> None:
 def write_figure(source_map: SourceMap, path: Path) -> None:
     """Draw the figure and save it as a PNG at `path`, byte-for-byte reproducible."""
     draw_figure(source_map).savefig(path, dpi=DPI, metadata={"Software": None})
+
+
+def draw_comparison(table: "PerplexityTable") -> Figure:
+    """Grouped bars: per text (x), each model's perplexity, in table order."""
+    count = len(table.models)
+    width = 0.8 / count  # of a text's group, which is 1 wide
+    figure = Figure(
+        figsize=(max(8.0, 3.0 + len(table.texts) * (0.3 * count + 0.5)), 4.5),
+        dpi=DPI,
+        layout="constrained",
+    )
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for index, (model, row) in enumerate(zip(table.models, table.values)):
+        offset = (index - (count - 1) / 2) * width
+        positions = [column + offset for column in range(len(row))]
+        axes.bar(positions, row, width, label=model, color=model_colour(index))
+        for position, value, best in zip(positions, row, table.best()):
+            if value == best:
+                axes.annotate("*", (position, value), ha="center", va="bottom")
+    axes.set_xticks(range(len(table.texts)), table.texts)
+    axes.set_ylabel("perplexity")
+    axes.set_title(
+        f"Perplexity on each text, lower is better; * = best ({table.device})"
+    )
+    figure.legend(loc="outside right upper", fontsize=8)
+    return figure
+
+
+def write_comparison_figure(table: "PerplexityTable", path: Path) -> None:
+    """Draw the comparison and save it as a PNG at `path`, reproducibly."""
+    draw_comparison(table).savefig(path, dpi=DPI, metadata={"Software": None})

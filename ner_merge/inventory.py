@@ -20,7 +20,7 @@ from ner_merge.errors import ModelError
 from ner_merge.models import ResolvedModel, resolve_model
 from ner_merge.names import parent
 from ner_merge.reader import DTYPES
-from ner_merge.recipe import Recipe
+from ner_merge.recipe import Recipe, candidate_models
 from ner_merge.vocabulary import FIX_HINT, VocabularyAlignment
 
 FLOAT_DTYPES = {name for name, dtype in DTYPES.items() if dtype.is_floating_point}
@@ -54,15 +54,26 @@ def localized_config(recipe: Recipe, models: list[ResolvedModel]) -> MergeConfig
     mergekit then reads exactly the files that were planned (the resolved Hub
     commit, not whatever is newest) and never asks the Hub again.
     """
+    return with_local_models(recipe.config, models)
+
+
+def with_local_models(
+    config: MergeConfiguration, models: list[ResolvedModel]
+) -> MergeConfiguration:
+    """Any `base_model` + `models` configuration (an NER recipe, a plain average)
+    with each model replaced by its resolved folder; `models` are resolved from
+    `candidate_models(config)`, in that order."""
     local = {
-        ref: ModelReference.parse(m.path) for ref, m in zip(recipe.candidates(), models)
+        ref: ModelReference.parse(m.path)
+        for ref, m in zip(candidate_models(config), models)
     }
-    return recipe.config.model_copy(
+    base = config.base_model
+    return config.model_copy(
         update={
-            "base_model": local[recipe.config.base_model],
+            "base_model": local[base] if base else None,
             "models": [
                 model.model_copy(update={"model": local[model.model]})
-                for model in recipe.config.models or []
+                for model in config.models or []
             ],
         }
     )

@@ -9,6 +9,9 @@ What is never done to OUT (the README's list):
 - a symbolic link is followed: its target is replaced and the link is kept;
 - two merges never write one OUT at once: a lock file beside OUT is held for the
   whole run, and a second run stops at once, saying so;
+- every file published gets the permissions the user's umask gives a new file
+  (safetensors writes its files 0600, through a temporary file, which would make
+  a shared model folder unreadable to the group);
 - a staged merge is complete once its manifest is written. Publishing moves the
   old OUT aside, renames the staged folder to OUT, then deletes the old one. A run
   killed between the two renames leaves both beside OUT, and the next run
@@ -21,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +38,7 @@ STAGING_SUFFIX = ".ner-partial"
 LOCK_SUFFIX = ".ner-lock"
 PREVIOUS = "previous"  # inside the staging root: OUT moved aside while publishing
 MAX_NAMED = 5  # files named in a refusal
+MODE_PROBE = ".ner-merge-mode-probe"  # created and removed at once, in staging
 
 
 def _listed(paths: list[str]) -> str:
@@ -57,11 +62,34 @@ def _manifest(folder: Path) -> set[str] | None:
     return set(files) if isinstance(files, list) else None
 
 
+def _creation_mode(folder: Path) -> int:
+    """The permission bits a new file gets in `folder`: 0o666 less the umask (or
+    as a default ACL says). Found by creating a file, since os.umask reads the
+    umask only by setting it, for every thread of the process at once."""
+    probe = folder / MODE_PROBE
+    handle = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    try:
+        return stat.S_IMODE(os.fstat(handle).st_mode)
+    finally:
+        os.close(handle)
+        os.unlink(probe)
+
+
+def _give_creation_mode(folder: Path) -> None:
+    """Every file under `folder` as a plain write under the user's umask makes it
+    (writers that create files 0600 first, or copies keeping a source's bits)."""
+    mode = _creation_mode(folder)
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
+
+
 class OutputFolder:
     """OUT for one merge: `prepare()` before any work, `staged()` to write it."""
 
-    def __init__(self, out_path: str, inputs: list[str]) -> None:
-        self.given = out_path
+    def __init__(self, out_path: str, inputs: list[str], role: str = "OUT") -> None:
+        """role: how refusals name the folder (`OUT`, or the option that gave it)."""
+        self.named = f"{role} {out_path}"
         self.target = Path(out_path).resolve()  # follows a symlinked OUT
         self.inputs = [Path(path).resolve() for path in inputs]
         self.root = self.target.parent / f".{self.target.name}{STAGING_SUFFIX}"
@@ -81,35 +109,35 @@ class OutputFolder:
         here = Path.cwd().resolve()
         if self.target == here or self.target in here.parents:
             raise OutputError(
-                f"OUT {self.given}: is the current folder or holds it; a merge "
+                f"{self.named}: is the current folder or holds it; a merge "
                 "replaces OUT whole, so name a new folder"
             )
         for model in self.inputs:
             if self.target == model:
-                raise OutputError(f"OUT {self.given}: is input model {model}")
+                raise OutputError(f"{self.named}: is input model {model}")
             if model in self.target.parents:
-                raise OutputError(f"OUT {self.given}: lies in input model {model}")
+                raise OutputError(f"{self.named}: lies in input model {model}")
             if self.target in model.parents:
-                raise OutputError(f"OUT {self.given}: holds input model {model}")
+                raise OutputError(f"{self.named}: holds input model {model}")
 
     def _refuse_what_it_holds(self) -> None:
         if not self.target.exists():
             return
         if not self.target.is_dir():
-            raise OutputError(f"OUT {self.given}: is a file, not a folder")
+            raise OutputError(f"{self.named}: is a file, not a folder")
         present = sorted(os.listdir(self.target))  # not a walk: OUT may be huge
         if not present:
             return
         written = _manifest(self.target)
         if written is None:
             raise OutputError(
-                f"OUT {self.given}: exists and is not a merge's output (it holds "
+                f"{self.named}: exists and is not a merge's output (it holds "
                 f"{_listed(present)}); choose another folder or empty it yourself"
             )
         foreign = [name for name in _files_of(self.target) if name not in written]
         if foreign:
             raise OutputError(
-                f"OUT {self.given}: a merge's output with files added since "
+                f"{self.named}: a merge's output with files added since "
                 f"({_listed(foreign)}); move them out or choose another folder"
             )
 
@@ -124,7 +152,7 @@ class OutputFolder:
                 except BlockingIOError:
                     os.close(handle)
                     raise OutputError(
-                        f"OUT {self.given}: another merge is writing it (it holds "
+                        f"{self.named}: another merge is writing it (it holds "
                         f"{self.lock_path}); wait for it to end"
                     ) from None
                 # The holder before us may have removed the file as we opened it.
@@ -135,7 +163,7 @@ class OutputFolder:
                 os.close(handle)
         except OSError as error:
             raise OutputError(
-                f"OUT {self.given}: cannot write beside it ({error.strerror}: "
+                f"{self.named}: cannot write beside it ({error.strerror}: "
                 f"{error.filename})"
             ) from None
         try:
@@ -152,7 +180,7 @@ class OutputFolder:
         foreign = sorted(set(os.listdir(self.root)) - {staged.name, PREVIOUS})
         if foreign:
             raise OutputError(
-                f"OUT {self.given}: {self.root} holds files no merge wrote "
+                f"{self.named}: {self.root} holds files no merge wrote "
                 f"({_listed(foreign)}); move them out"
             )
         if not self.target.exists():
@@ -183,6 +211,7 @@ class OutputFolder:
         self._publish(staging)
 
     def _publish(self, staging: Path) -> None:
+        _give_creation_mode(staging)
         files = _files_of(staging) + [MANIFEST_FILE]
         manifest = json.dumps({"files": files}, indent=1) + "\n"
         (staging / MANIFEST_FILE).write_text(manifest, encoding="utf-8")

@@ -10,6 +10,7 @@ then renamed to OUT (see `ner_merge.output` for what is never done to OUT).
 import functools
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import click
@@ -29,6 +30,7 @@ from ner_merge.inventory import (
 from ner_merge.models import ResolvedModel
 from ner_merge.output import OutputFolder
 from ner_merge.planner import plan
+from ner_merge.quiet import mergekit_notices_hidden
 from ner_merge.recipe import METHOD_NAME, Recipe
 from ner_merge.report import write_report
 from ner_merge.scoring import (
@@ -51,6 +53,14 @@ MAX_NAMED = 5  # tensors named in one refusal
 # Smallest output shard an NER merge picks by itself (bytes): tiny models still
 # come out as one file.
 SMALLEST_DEFAULT_SHARD = 256 << 20
+
+# A merge's steps ("plan", then "merge"), each run inside step(name): a caller
+# that reports progress times them (`ner-merge compare`).
+Step = Callable[[str], AbstractContextManager]
+
+
+def _untimed(_: str) -> AbstractContextManager:
+    return nullcontext()
 
 
 def with_ner_planning(run_merge: Callable) -> Callable:
@@ -86,8 +96,12 @@ def merge(
     merge_options: MergeOptions,
     config_source: str | None,
     run_merge: Callable,
+    step: Step = _untimed,
 ) -> SourceMap:
-    """Plan (or check the given map), run mergekit's merge, publish OUT atomically."""
+    """Plan (or check the given map), run mergekit's merge, publish OUT atomically.
+
+    run_merge: mergekit's own, not the hook's wrap of it (which calls this).
+    """
     check_device(merge_options)
     # $NER_MERGE_WORKERS or $NER_MERGE_RAY, checked before any model is read
     workers = None if recipe.options.source_map else choose_workers()
@@ -95,27 +109,29 @@ def merge(
     check_base_tokenizer(recipe, models[0].path, merge_options)
     output = OutputFolder(out_path, [model.path for model in models])
     with output.prepared():
-        if recipe.options.source_map:
-            source_map = checked_source_map(recipe, models, merge_options)
-        else:
-            source_map = plan(recipe, merge_options, models=models, workers=workers)
+        with step("plan"):
+            if recipe.options.source_map:
+                source_map = checked_source_map(recipe, models, merge_options)
+            else:
+                source_map = plan(recipe, merge_options, models=models, workers=workers)
         config_source = config_source or recipe.config.to_yaml()
-        with output.staged() as staging:
+        with step("merge"), output.staged() as staging:
             map_path = staging / SOURCE_MAP_FILE
             source_map.save(map_path)
             config = localized_config(recipe, models)
             parameters = dict(config.parameters or {}, source_map=str(map_path))
             try:
-                run_merge(
-                    config.model_copy(update={"parameters": parameters}),
-                    str(staging),
-                    streaming_options(merge_options, models),
-                    config_source=config_source,
-                )
+                with mergekit_notices_hidden(merge_options.quiet):
+                    run_merge(
+                        config.model_copy(update={"parameters": parameters}),
+                        str(staging),
+                        streaming_options(merge_options, models),
+                        config_source=config_source,
+                    )
             except SourceMapError as error:  # from the method, naming the staged copy
                 raise as_given(error, map_path, recipe.options.source_map) from None
             if merge_options.write_model_card:
-                write_model_card(staging, recipe, config_source)
+                write_model_card(staging, recipe.config, config_source)
             write_report(staging, source_map, recipe)
     return source_map
 

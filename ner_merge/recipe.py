@@ -162,8 +162,10 @@ class Recipe:
 
 
 def candidate_models(config: MergeConfiguration) -> list[ModelReference]:
-    """The configuration's base, then each other model once, in recipe order."""
-    ordered = [config.base_model] + [model.model for model in config.models or []]
+    """The configuration's base (if it has one: a plain average has none), then
+    each other model once, in recipe order."""
+    ordered = [config.base_model] if config.base_model else []
+    ordered += [model.model for model in config.models or []]
     return list(dict.fromkeys(ordered))
 
 

@@ -73,6 +73,15 @@ def run_merge(recipe_path: Path, out: Path, **options):
     mergekit_run_merge(config, str(out), MergeOptions(**settings), config_source=text)
 
 
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder`, relative path to bytes: what a run left."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
 def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a model folder: its safetensors files, or where it has
     none, its pytorch_model*.bin files (mergekit's preference)."""

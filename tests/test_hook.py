@@ -9,6 +9,7 @@ from mergekit.merge_methods import registry
 
 from ner_merge.hook import DISABLE_VARIABLE
 from ner_merge.method import register
+from tests.helpers import write_recipe
 
 HOOK_SOURCE = Path(__file__).resolve().parents[1] / "ner_merge" / "hook.py"
 
@@ -121,3 +122,27 @@ def test_passive_threads_only_for_ner_merges(tmp_path):
         env=environment,
     )
     assert done.stdout.strip() == "None"
+
+
+def test_a_quiet_merge_prints_nothing_and_a_plain_one_still_says_all(
+    tmp_path, qwen_trio, isolated_score_cache
+):
+    """`mergekit-yaml --quiet` with an NER recipe prints nothing at all: no
+    progress bar (ours or mergekit's) and not transformers' notice about
+    mergekit's use of `torch_dtype`. Without --quiet, both are there: nothing
+    is hidden from a user who did not ask."""
+    recipe = write_recipe(tmp_path / "r.yml", qwen_trio["base"], [qwen_trio["one"]])
+    mergekit_yaml = str(Path(sys.executable).parent / "mergekit-yaml")
+    said = {}
+    for flags in (["--quiet"], []):
+        done = subprocess.run(
+            [mergekit_yaml, *flags, str(recipe), str(tmp_path / "out")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+        said[bool(flags)] = done.stdout + done.stderr
+    assert said[True] == ""
+    assert "`torch_dtype` is deprecated" in said[False]
+    assert "NER scoring" in said[False] and "Executing graph" in said[False]

@@ -165,6 +165,8 @@ def test_local_folders_with_one_slash_merge_offline(tmp_path, qwen_trio, monkeyp
     card = (tmp_path / "out" / "README.md").read_text()
     assert "using models/base as a base" in card
     assert "* models/one" in card and "huggingface.co" not in card
+    # Local models are named in the metadata too (mergekit leaves it empty).
+    assert "---\nbase_model:\n- models/base\n- models/one\n" in card
 
 
 def test_hub_ids_are_still_linked_in_the_card_without_asking_the_hub(
@@ -175,7 +177,7 @@ def test_hub_ids_are_still_linked_in_the_card_without_asking_the_hub(
     monkeypatch.chdir(tmp_path)  # neither id is a folder here
     recipe = Recipe.from_file("r.yml")
     (tmp_path / "out").mkdir()
-    write_model_card(tmp_path / "out", recipe, "merge_method: ner\n")
+    write_model_card(tmp_path / "out", recipe.config, "merge_method: ner\n")
     card = (tmp_path / "out" / "README.md").read_text()
     assert "[org/base](https://huggingface.co/org/base)" in card
     assert "* [org/tuned](https://huggingface.co/org/tuned)" in card

@@ -13,17 +13,14 @@ import pytest
 
 from ner_merge.errors import OutputError
 from ner_merge.output import MANIFEST_FILE, OutputFolder
-from tests.helpers import assert_bit_identical_to_sources, run_merge, write_recipe
+from tests.helpers import (
+    assert_bit_identical_to_sources,
+    run_merge,
+    snapshot,
+    write_recipe,
+)
 
 MERGEKIT_YAML = str(Path(sys.executable).parent / "mergekit-yaml")
-
-
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(folder)): p.read_bytes()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 @pytest.fixture
@@ -40,10 +37,10 @@ def workspace(tmp_path, qwen_trio, monkeypatch) -> Path:
 
 
 def _refused(workspace: Path, out: str, says: str, isolated_score_cache: Path):
-    before = _snapshot(workspace)
+    before = snapshot(workspace)
     with pytest.raises(OutputError, match=says):
         run_merge(workspace / "recipe.yml", Path(out))
-    assert _snapshot(workspace) == before  # nothing deleted, nothing written
+    assert snapshot(workspace) == before  # nothing deleted, nothing written
     assert not list(isolated_score_cache.rglob("*.json"))  # refused before scoring
 
 
@@ -148,14 +145,14 @@ def test_a_publish_cut_short_between_renames_is_finished(workspace):
 def test_an_unfinished_publish_is_rolled_back(workspace):
     out = workspace / "out"
     run_merge(workspace / "recipe.yml", out)
-    before = _snapshot(out)
+    before = snapshot(out)
     staging = workspace / ".out.ner-partial"
     staging.mkdir()
     out.rename(staging / "previous")  # OUT moved aside, the new merge half-written
     (staging / "out").mkdir()
     (staging / "out" / "model-00001-of-00002.safetensors").write_bytes(b"half")
     with OutputFolder(str(out), []).prepared():
-        assert _snapshot(out) == before and not staging.exists()
+        assert snapshot(out) == before and not staging.exists()
 
 
 def test_a_staging_folder_with_foreign_files_is_left_alone(workspace):
@@ -165,3 +162,20 @@ def test_a_staging_folder_with_foreign_files_is_left_alone(workspace):
     with pytest.raises(OutputError, match="diary.txt"):
         run_merge(workspace / "recipe.yml", workspace / "out")
     assert (staging / "diary.txt").read_text() == "not a merge's"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_every_published_file_has_the_users_umask(workspace, umask):
+    """safetensors creates its files 0600; a merge is published as the user's
+    umask says, so a group can read a shared model folder (or not)."""
+    previous = os.umask(umask)
+    try:
+        run_merge(workspace / "recipe.yml", workspace / "out")
+    finally:
+        os.umask(previous)
+    modes = {
+        str(path.relative_to(workspace / "out")): path.stat().st_mode & 0o777
+        for path in (workspace / "out").rglob("*")
+    }
+    assert "model.safetensors" in modes
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)

@@ -1,0 +1,36 @@
+"""What a quiet merge leaves out: notices about mergekit's own code, which its
+user cannot act on.
+
+mergekit 0.1.5 sets `torch_dtype` on the output model's configuration
+(`mergekit/merge.py`, `_model_out_config`), which transformers 5 deprecates in
+favour of `dtype`: every merge prints "`torch_dtype` is deprecated!", naming
+nothing of the user's. Under mergekit's `--quiet` ("suppress ... non-essential
+output") that one notice is dropped; every other warning and error still shows,
+and without `--quiet` nothing is dropped.
+"""
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+DEPRECATED_DTYPE_NOTICE = "`torch_dtype` is deprecated! Use `dtype` instead!"
+NOTICE_LOGGER = "transformers.configuration_utils"  # where transformers says it
+
+
+class _WithoutMergekitNotices(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != DEPRECATED_DTYPE_NOTICE
+
+
+@contextmanager
+def mergekit_notices_hidden(quiet: bool) -> Iterator[None]:
+    """Within the block, drop mergekit's deprecation notice if `quiet`."""
+    if not quiet:
+        yield
+        return
+    logger, notices = logging.getLogger(NOTICE_LOGGER), _WithoutMergekitNotices()
+    logger.addFilter(notices)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notices)
