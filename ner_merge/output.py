@@ -75,7 +75,7 @@ def _creation_mode(folder: Path) -> int:
         os.unlink(probe)
 
 
-def _give_creation_mode(folder: Path) -> None:
+def give_creation_mode(folder: Path) -> None:
     """Every file under `folder` as a plain write under the user's umask makes it
     (writers that create files 0600 first, or copies keeping a source's bits)."""
     mode = _creation_mode(folder)
@@ -211,7 +211,7 @@ class OutputFolder:
         self._publish(staging)
 
     def _publish(self, staging: Path) -> None:
-        _give_creation_mode(staging)
+        give_creation_mode(staging)
         files = _files_of(staging) + [MANIFEST_FILE]
         manifest = json.dumps({"files": files}, indent=1) + "\n"
         (staging / MANIFEST_FILE).write_text(manifest, encoding="utf-8")

@@ -2,7 +2,9 @@
 that move its weights by a small relative amount, and a log that says so truly."""
 
 import math
+import os
 import re
+import stat
 
 import pytest
 import torch
@@ -40,3 +42,12 @@ def test_each_fine_tune_moves_the_weights_as_real_fine_tunes_do_and_says_so(trio
         assert 1e-3 <= change <= 1e-2  # real supervised fine-tuning's range
         logged = re.search(r"\|\| = ([\d.e+-]+) \(per matrix", line)[1]
         assert line.startswith(f"{name}: ") and f"{change:.1e}" == logged
+
+
+def test_the_models_are_readable_as_the_umask_allows(trio):
+    paths, _ = trio
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder in paths.values():  # safetensors alone would write 0600
+        modes = {stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+        assert modes == {0o666 & ~umask}, folder

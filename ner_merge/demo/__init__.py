@@ -42,6 +42,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from ner_merge.output import give_creation_mode
+
 TEXTS = Path(__file__).parent / "texts"
 TRAINING_TEXTS = {"base": "general.txt", "sea": "sea.txt", "kitchen": "kitchen.txt"}
 HELD_OUT_TEXTS = ("heldout_general.txt", "heldout_sea.txt", "heldout_kitchen.txt")
@@ -278,6 +280,7 @@ def _build(out_dir: Path, log: Callable[[str], None]) -> dict[str, Path]:
         paths[name] = out_dir / name
         model.save_pretrained(paths[name], safe_serialization=True)
         tokenizer.save_pretrained(paths[name])
+        give_creation_mode(paths[name])  # safetensors writes 0600
     return paths
 
 
