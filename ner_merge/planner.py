@@ -44,10 +44,9 @@ from ner_merge.scoring import (
     stabilized,
 )
 from ner_merge.selection import (
-    Group,
-    Grouping,
     Selection,
     SelectionError,
+    TensorSpec,
     choose,
     group_tensors,
     uncertain_copies,
@@ -108,7 +107,8 @@ def plan(
         )
 
     if recipe.options.precision == "fast":
-        found = _where_float32_settles(score, grouping, to_score, models, reader)
+        specs = [scoring.spec(tensor) for tensor in tensors]
+        found = _where_float32_settles(score, specs, to_score, models, reader)
     else:
         found = score(every_copy(to_score, len(models), "exact"))
     nonfinite = nonfinite_copies(tensors, models)
@@ -145,55 +145,49 @@ def plan(
 
 def _where_float32_settles(
     score: Callable[[dict[Place, Precision]], dict[Place, BoundedScore | None]],
-    grouping: Grouping,
+    specs: list[TensorSpec],
     tensors: list[OutputTensor],
     models: list[ResolvedModel],
     reader: CopyReader,
 ) -> dict[Place, BoundedScore | None]:
-    """Every copy's score: fast where float32 settles decisions, exact elsewhere.
+    """Every copy's score: fast for the tensor types whose decisions float32
+    settles, exact for the others.
 
     A near tie costs its float32 scores and then float64 ones, more than float64
     alone, and fine-tunes close to their base make near ties of most decisions
-    of a kind (the same tensor, block or layer at every depth). Which kinds float32
+    on a tensor type (`mlp.up_proj.weight` at every depth). Which types float32
     settles is seen in one decoder layer, the middle one (the first and last are
-    often unlike the rest): it and everything outside the layers are scored fast;
-    in the other layers, only the kinds float32 settled there. What is scored how
-    depends on scores alone, never on the workers.
+    often unlike the rest): it and everything outside the layers are scored
+    fast, and each tensor there is judged as if it chose alone among all the
+    models. In the other layers, a type float32 settled there is scored fast,
+    any other exact. What is scored how depends on the models' scores alone, not
+    on the workers nor on the recipe's other options, so recipes of the same
+    models share their scores through the cache (`ner-merge compare`).
     """
     count = len(models)
     layers = sorted({tensor.layer for tensor in tensors if tensor.layer is not None})
     probe = {None, layers[len(layers) // 2]} if layers else {None}
-    found = score(every_copy([t for t in tensors if t.layer in probe], count, "fast"))
-    groups = [
-        group
-        for group in grouping.groups
-        if not group.kept and all(t.layer in probe for t in group.scored)
-    ]
-    seen = [t for t in tensors if t.layer in probe]
+    seen = [tensor for tensor in tensors if tensor.layer in probe]
+    found = score(every_copy(seen, count, "fast"))
     scores, bounds = _by_tensor(found, seen, count)
+    alone = group_tensors(specs, Selection(), count)  # each scored tensor alone
+    judged = [g for g in alone.groups if g.scored[0].name in scores]
     contents = _contents(seen, models, reader)
-    probed = replace(grouping, groups=tuple(groups))
-    refine = uncertain_copies(probed, scores, bounds, None, contents)
+    doubtful = uncertain_copies(
+        replace(alone, groups=tuple(judged)), scores, bounds, None, contents
+    )
     settled = {
-        _kind(group)
-        for group in groups
-        if not any((t.name, i) in refine for t in group.scored for i in range(count))
-        and any(any(bounds[t.name]) for t in group.scored)
+        tensor_type(name, layer)
+        for name, layer in ((t.name, t.layer) for t in seen)
+        if any(bounds[name]) and not any((name, i) in doubtful for i in range(count))
     }
-    kinds = {t.name: _kind(g) for g in grouping.groups for t in g.scored}
     rest = {
-        (tensor.name, index): "fast" if kinds[tensor.name] in settled else "exact"
-        for tensor in tensors
-        if tensor.layer not in probe
+        (t.name, index): "fast" if tensor_type(t.name, t.layer) in settled else "exact"
+        for t in tensors
+        if t.layer not in probe
         for index in range(count)
     }
     return found | (score(rest) if rest else {})
-
-
-def _kind(group: Group) -> tuple[str, ...]:
-    """What a group is at every depth: its scored tensors' names without their
-    layer prefix (`mlp.up_proj.weight`; a block or layer, all of them)."""
-    return tuple(tensor_type(t.name, t.layer) for t in group.scored)
 
 
 def _by_tensor(
