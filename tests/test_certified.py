@@ -191,3 +191,30 @@ def test_exact_does_not_apply_to_the_reference_tools_rule(tmp_path, near_ties):
         "compat: nerd, which scores by NERD's own float32 rule; remove one of them "
         "(got 'exact')"
     )
+
+
+def test_recipes_of_other_granularity_share_the_float32_scores(
+    tmp_path, near_ties, monkeypatch
+):
+    """Which copies are scored in float32 depends on the models alone, so a
+    recipe at another granularity finds every float32 score in the cache (as
+    `ner-merge compare` needs), and computes at most float64 refinements."""
+    _plan(tmp_path, near_ties["folders"])
+    solved = []
+    real = torch.linalg.eigvalsh
+
+    def counted(gram, *args, **kwargs):
+        if gram.shape[0] > 2:  # not check_device's probe
+            solved.append(gram.dtype)
+        return real(gram, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigvalsh", counted)
+    for granularity in ("module", "layer"):
+        other = _plan(tmp_path, near_ties["folders"], granularity=granularity)
+        exact = _plan(
+            tmp_path, near_ties["folders"], granularity=granularity, scoring="exact"
+        )
+        assert {n: c.source for n, c in other.tensors.items()} == {
+            n: c.source for n, c in exact.tensors.items()
+        }
+    assert torch.float32 not in solved
