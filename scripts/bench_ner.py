@@ -238,17 +238,9 @@ def bench_kernels(shapes: list, device: str, cache: Path) -> bool:
 
 def summarize_kernels(seconds: dict, device: str) -> None:
     """Summed times of the timed matrices, and of one 7B decoder layer."""
-    totals = {route: 0.0 for route in ROUTES}
-    for rows in seconds.values():
-        for row in rows:
-            for route in ROUTES:
-                totals[route] += row[route]
-    print(
-        "   summed over the timed matrices: "
-        + ", ".join(f"{route} {totals[route]:.1f} s" for route in ROUTES)
-        + f"; exact / fast {totals['exact'] / totals['fast']:.2f}x, svd32 stored / "
-        f"fast {totals['svd32 stored'] / totals['fast']:.2f}x",
-        flush=True,
+    every = [row for rows in seconds.values() for row in rows]
+    report(
+        "summed over the timed matrices", {r: sum(t[r] for t in every) for r in ROUTES}
     )
     if device != "cpu" or not all(shape in seconds for shape in LAYER_7B):
         return
@@ -258,20 +250,21 @@ def summarize_kernels(seconds: dict, device: str) -> None:
         )
         for route in ROUTES
     }
+    report("one 7B decoder layer (Gaussian)", layer, "goal >= 1.4x")
+    if EMBEDDING_7B in seconds:
+        report("7B embedding", seconds[EMBEDDING_7B][0])
+
+
+def report(label: str, totals: dict[str, float], goal: str = "") -> None:
+    """One line: each route's seconds, and how many times the fast route's."""
     print(
-        "   one 7B decoder layer (Gaussian): "
-        + ", ".join(f"{route} {layer[route]:.1f} s" for route in ROUTES)
-        + f"; exact / fast {layer['exact'] / layer['fast']:.2f}x (goal >= 1.4x), "
-        f"svd32 stored / fast {layer['svd32 stored'] / layer['fast']:.2f}x",
+        f"   {label}: "
+        + ", ".join(f"{route} {totals[route]:.1f} s" for route in ROUTES)
+        + f"; exact / fast {totals['exact'] / totals['fast']:.2f}x"
+        + (f" ({goal})" if goal else "")
+        + f", svd32 stored / fast {totals['svd32 stored'] / totals['fast']:.2f}x",
         flush=True,
     )
-    if EMBEDDING_7B in seconds:
-        embedding = seconds[EMBEDDING_7B][0]
-        print(
-            f"   7B embedding: exact / fast "
-            f"{embedding['exact'] / embedding['fast']:.2f}x",
-            flush=True,
-        )
 
 
 # ---- 2. cold plans --------------------------------------------------------------

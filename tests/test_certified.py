@@ -66,6 +66,21 @@ def near_ties(tmp_path_factory) -> dict:
     return {"folders": folders, "tall": tall}
 
 
+def eigensolves(monkeypatch) -> list[torch.dtype]:
+    """The dtype of every eigensolve from now on: one per score computed, in
+    either precision (check_device's 2 x 2 probe aside)."""
+    solved = []
+    real = torch.linalg.eigvalsh
+
+    def counted(gram, *args, **kwargs):
+        if gram.shape[0] > 2:
+            solved.append(gram.dtype)
+        return real(gram, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigvalsh", counted)
+    return solved
+
+
 def _plan(tmp_path, folders, workers: int = 1, **options):
     recipe = write_recipe(
         tmp_path / "r.yml",
@@ -128,15 +143,7 @@ def test_a_second_plan_reuses_both_kinds_of_scores_and_writes_the_same_map(
     tmp_path, near_ties, monkeypatch
 ):
     first = _plan(tmp_path, near_ties["folders"])
-    solved = []  # one eigensolve per score computed, in either precision
-    real = torch.linalg.eigvalsh
-
-    def counted(gram, *args, **kwargs):
-        if gram.shape[0] > 2:  # not check_device's probe
-            solved.append(gram.dtype)
-        return real(gram, *args, **kwargs)
-
-    monkeypatch.setattr(torch.linalg, "eigvalsh", counted)
+    solved = eigensolves(monkeypatch)
     assert _plan(tmp_path, near_ties["folders"]).to_json() == first.to_json()
     assert solved == []
     # An exact plan now computes only the tall copies that were never refined:
@@ -200,15 +207,7 @@ def test_recipes_of_other_granularity_share_the_float32_scores(
     recipe at another granularity finds every float32 score in the cache (as
     `ner-merge compare` needs), and computes at most float64 refinements."""
     _plan(tmp_path, near_ties["folders"])
-    solved = []
-    real = torch.linalg.eigvalsh
-
-    def counted(gram, *args, **kwargs):
-        if gram.shape[0] > 2:  # not check_device's probe
-            solved.append(gram.dtype)
-        return real(gram, *args, **kwargs)
-
-    monkeypatch.setattr(torch.linalg, "eigvalsh", counted)
+    solved = eigensolves(monkeypatch)
     for granularity in ("module", "layer"):
         other = _plan(tmp_path, near_ties["folders"], granularity=granularity)
         exact = _plan(
