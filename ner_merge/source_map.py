@@ -146,9 +146,12 @@ class SourceMap(_Frozen):
                 )
             unscored = set(choice.bounds) - set(choice.scores)
             if unscored:
-                raise ValueError(f"{name} bounds scores it lacks: {sorted(unscored)}")
+                raise ValueError(
+                    f"{name} has bounds for models it has no score of: "
+                    f"{sorted(unscored)}"
+                )
             if not all(0 <= bound < math.inf for bound in choice.bounds.values()):
-                raise ValueError(f"{name}: a bound must be a number, 0 or more")
+                raise ValueError(f"{name}: each bound must be a number, 0 or more")
         return self
 
     @property
