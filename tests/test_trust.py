@@ -132,6 +132,16 @@ def _set_score(value):
     return edit
 
 
+def _set_bound(value, unscored: bool = False):
+    def edit(document):
+        name = document["models"][1]["name"]
+        document["tensors"][MATRIX]["bounds"] = {name: value}
+        if unscored:
+            del document["tensors"][MATRIX]["scores"][name]
+
+    return edit
+
+
 @pytest.mark.parametrize(
     "make, says",
     [
@@ -145,8 +155,22 @@ def _set_score(value):
             lambda t: _edit_text(t, _set_score(0.5)).replace(": 0.5", ": NaN", 1),
             "NaN is not a number JSON allows",
         ),
+        (lambda t: _edit_text(t, _set_bound("1e-6")), f"tensors.{MATRIX}.bounds"),
+        (lambda t: _edit_text(t, _set_bound(-1e-6)), "each bound must be a number"),
+        (
+            lambda t: _edit_text(t, _set_bound(1e-6, unscored=True)),
+            "has bounds for models it has no score of",
+        ),
     ],
-    ids=["duplicate-key", "string-score", "bool-score", "nan-literal"],
+    ids=[
+        "duplicate-key",
+        "string-score",
+        "bool-score",
+        "nan-literal",
+        "string-bound",
+        "negative-bound",
+        "bound-without-score",
+    ],
 )
 def test_loose_maps_are_refused_by_name(tmp_path, planned, make, says):
     path, models = planned
