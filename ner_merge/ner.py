@@ -306,5 +306,6 @@ def _may_bound(gram: torch.Tensor, delta: float) -> bool:
     never fail one whose bound is finite (up to the factorization's rounding).
     """
     limit = delta / -math.expm1(-2 * LARGEST_RELATIVE_DOUBT)  # where doubt hits it
-    shifted = gram - limit * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+    shifted = gram.clone()
+    shifted.diagonal().sub_(limit)
     return torch.linalg.cholesky_ex(shifted).info.item() == 0

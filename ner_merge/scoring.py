@@ -110,7 +110,7 @@ class Scoring:
         return wanted if self.fast is not None else "exact"
 
     def score(self, matrix: torch.Tensor, precision: Precision) -> BoundedScore:
-        if precision == "fast" and self.fast is not None:
+        if self.precision(precision) == "fast":
             return self.fast(matrix)
         return BoundedScore(self.exact(matrix))
 
