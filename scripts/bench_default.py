@@ -47,7 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))  # tests.minilm
 from bench_busy import LAYERS, SCALE  # noqa: E402
-from bench_merge import build_trio, write_recipe  # noqa: E402
+from bench_merge import build_trio, random_base, write_recipe  # noqa: E402
 from bench_ner import FINE_TUNES, decision_kinds  # noqa: E402
 
 from ner_merge.source_map import SourceMap  # noqa: E402
@@ -77,17 +77,8 @@ def build_close_trio(root: Path, scale: dict, layers: int) -> list[Path]:
         return paths
     settings = dict(scale, num_hidden_layers=layers, tie_word_embeddings=True)
     config = transformers.Qwen2Config(**settings, architectures=["Qwen2ForCausalLM"])
-    with torch.device("meta"):
-        model = transformers.Qwen2ForCausalLM(config)
-    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
-    shapes.pop("lm_head.weight")  # tied
     generator = torch.Generator().manual_seed(0)
-    base = {
-        name: (torch.randn(shape, generator=generator) * 0.02).bfloat16()
-        if len(shape) == 2
-        else torch.ones(shape).bfloat16()
-        for name, shape in shapes.items()
-    }
+    base = random_base(config, generator)
     low, high = (torch.tensor(x).log() for x in CHANGE_7B)
     for seed, path in enumerate(paths):
         tensors = base
