@@ -152,12 +152,14 @@ def save_map(source_map: "SourceMap", path: str) -> None:
     help="Score on this torch device, e.g. cuda:1 or auto (as mergekit-yaml's).",
 )
 @click.option(
-    "--exact",
-    is_flag=True,
-    help="Score every copy in float64 (the recipe option `scoring: exact`). By "
-    "default scores are float32 with error bounds, and near ties are rescored in "
-    "float64: the choices are the same either way.",
+    "--scoring",
+    type=click.Choice(["auto", "fast", "exact"]),
+    help="The recipe option `scoring`, set here: `exact` scores every copy in "
+    "float64; `fast` in float32 with error bounds, rescoring near ties in "
+    "float64; `auto` (the default) is exact on a CPU, fast on a GPU. The choices "
+    "are the same either way.",
 )
+@click.option("--exact", is_flag=True, help="Short for --scoring exact.")
 @click.option(
     "--workers",
     type=click.IntRange(min=1),
@@ -178,6 +180,7 @@ def plan_command(
     quiet: bool,
     cuda: bool,
     device: str | None,
+    scoring: str | None,
     exact: bool,
     workers: int | None,
     ray_address: str | None,
@@ -189,6 +192,8 @@ def plan_command(
     """
     if not output and not show:
         raise click.UsageError("give -o FILE to write the map, --show to print it")
+    if exact and scoring not in (None, "exact"):
+        raise click.UsageError(f"--exact contradicts --scoring {scoring}")
     from mergekit.options import MergeOptions
 
     from ner_merge.planner import plan
@@ -200,6 +205,8 @@ def plan_command(
         recipe = Recipe.from_file(recipe_file)
         if exact:
             recipe = recipe.with_options("--exact", scoring="exact")
+        elif scoring:
+            recipe = recipe.with_options(f"--scoring {scoring}", scoring=scoring)
         if output:
             check_output_file(output)
         options = MergeOptions(cuda=cuda, device=device, quiet=quiet)

@@ -5,11 +5,13 @@ and output tensors (`ner_merge.inventory`), the NaN/Inf checks and scoring
 (`ner_merge.scoring`), the selection rules (`ner_merge.selection`, the only home
 of the rules) and the stabilize stage; the result is a source map.
 
-Scoring is fast by default: copies in float32 with a bound on their error
-(where float32 settles decisions: see `_where_float32_settles`), then, for the
-decisions those bounds leave in doubt (near ties), the copies that could win
-them in float64 (`selection.uncertain_copies`). Every choice is the one float64
-scores alone would make.
+Scores take one of two routes (`scoring_route`: by default exact on a CPU,
+fast on a GPU). Exact: every copy in float64. Fast: copies in float32 with a
+bound on their error (where float32 settles decisions: see
+`_where_float32_settles`), then, for the decisions those bounds leave in doubt
+(near ties), the copies that could win them in float64
+(`selection.uncertain_copies`). Every choice is the one float64 scores alone
+would make.
 """
 
 from collections.abc import Callable
@@ -41,6 +43,8 @@ from ner_merge.scoring import (
     every_copy,
     nonfinite_copies,
     score_matrices,
+    scoring_progress,
+    scoring_route,
     stabilized,
 )
 from ner_merge.selection import (
@@ -91,6 +95,9 @@ def plan(
     cache_dir = default_cache_dir()
     device = merge_options.device
     cache = ScoreCache(cache_dir, scoring.cache_options(device)) if cache_dir else None
+    route = scoring_route(recipe.options, device)
+    quiet = quiet or merge_options.quiet
+    progress = scoring_progress(len(to_score) * len(models), quiet)
 
     def score(wanted: dict[Place, Precision]) -> dict[Place, BoundedScore | None]:
         return score_matrices(
@@ -100,24 +107,26 @@ def plan(
             wanted,
             scoring,
             recipe.options.nonfinite,
-            quiet=quiet or merge_options.quiet,
+            quiet=quiet,
             cache=cache,
             device=device,
             workers=workers,
+            progress=progress,
         )
 
-    if recipe.options.precision == "fast":
-        specs = [scoring.spec(tensor) for tensor in tensors]
-        found = _where_float32_settles(score, specs, to_score, models, reader)
-    else:
-        found = score(every_copy(to_score, len(models), "exact"))
-    nonfinite = nonfinite_copies(tensors, models)
-    scores, bounds = _by_tensor(found, to_score, len(models))
-    contents = _contents(to_score, models, reader)
-    refine = uncertain_copies(grouping, scores, bounds, nonfinite, contents)
-    if refine:  # near ties: the copies that may win them, scored exactly
-        found |= score(dict.fromkeys(sorted(refine), "exact"))
+    with progress:
+        if route.scoring == "fast":
+            specs = [scoring.spec(tensor) for tensor in tensors]
+            found = _where_float32_settles(score, specs, to_score, models, reader)
+        else:
+            found = score(every_copy(to_score, len(models), "exact"))
+        nonfinite = nonfinite_copies(tensors, models)
         scores, bounds = _by_tensor(found, to_score, len(models))
+        contents = _contents(to_score, models, reader)
+        refine = uncertain_copies(grouping, scores, bounds, nonfinite, contents)
+        if refine:  # near ties: the copies that may win them, scored exactly
+            found |= score(dict.fromkeys(sorted(refine), "exact"))
+            scores, bounds = _by_tensor(found, to_score, len(models))
     refined = {name for name, _ in refine}
     try:
         choices = choose(grouping, scores, names, nonfinite, None, bounds, refined)
@@ -139,6 +148,7 @@ def plan(
             for index, model in enumerate(models)
         ),
         options=recipe.options.planned(),
+        route=route,
         tensors=choices,
     )
 

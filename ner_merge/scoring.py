@@ -16,7 +16,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from contextlib import closing
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Literal
@@ -45,9 +45,10 @@ from ner_merge.nerd import (
     stabilize,
     stabilizes,
 )
+from ner_merge.options import NerOptions
 from ner_merge.reader import TensorHeader, as_tensor, read_bytes
 from ner_merge.selection import TensorSpec
-from ner_merge.source_map import TensorChoice
+from ner_merge.source_map import ScoringRoute, TensorChoice
 from ner_merge.vocabulary import VocabularyAlignment
 from ner_merge.workers import LocalWorkers, Workers, reproducible_scoring
 
@@ -81,6 +82,36 @@ def check_device(merge_options: MergeOptions) -> None:
 Precision = Literal["fast", "exact"]
 
 
+def device_kind(device: str | None) -> str:
+    """The kind of a torch device (`cuda` for `cuda:1`); none given: the CPU."""
+    return str(device or "cpu").split(":")[0]
+
+
+def scoring_route(options: NerOptions, device: str | None) -> ScoringRoute:
+    """The route a plan's scores take on `device`, and why (the map records both).
+
+    `scoring: auto` is `exact` on a CPU: there float32 is at best twice as fast
+    per matrix, yet close fine-tunes make near ties of most decisions, which cost
+    a float32 score and then a float64 one, so fast plans measured 14-36% slower
+    than exact ones on every model set tried (README, *Performance*). On other
+    devices (GPUs) float64 runs at a small fraction of float32's speed, so
+    `auto` is `fast`. The reason names the device's kind only, so maps are the
+    same on any GPU of a kind and for any worker count.
+    """
+    if options.compat == "nerd":
+        reason = "compat: nerd scores by NERD's own float32 rule"
+        return ScoringRoute(scoring="nerd", reason=reason)
+    if options.scoring != "auto":
+        reason = f"asked for (scoring: {options.scoring})"
+        return ScoringRoute(scoring=options.scoring, reason=reason)
+    kind = device_kind(device)
+    if kind == "cpu":
+        reason = "auto on cpu: float32 saves no time on a CPU, near ties cost both"
+        return ScoringRoute(scoring="exact", reason=reason)
+    reason = f"auto on {kind}: float64 is many times slower than float32 there"
+    return ScoringRoute(scoring="fast", reason=reason)
+
+
 @dataclass(frozen=True)
 class Scoring:
     """Which output tensors are scored, and how (the spec's NER or NERD's).
@@ -101,7 +132,7 @@ class Scoring:
         """What a cached score depends on besides its bytes and precision: this
         mode, its version, and the kind of device (float32 rounds otherwise on a
         GPU)."""
-        kind = str(device or "cpu").split(":")[0]
+        kind = device_kind(device)
         return {"scoring": self.name, "version": self.version, "device": kind}
 
     def precision(self, wanted: Precision) -> Precision:
@@ -306,6 +337,16 @@ def every_copy(
     return {(t.name, index): precision for t in tensors for index in range(count)}
 
 
+def scoring_progress(copies: int, quiet: bool) -> tqdm.tqdm:
+    """A plan's one progress bar: it counts copies of scored tensors (one model's
+    copy of one tensor), cached ones as done at once. Its total starts at the
+    copies a plan scores once each and grows by each near tie's refinements, so
+    it ends at every score the plan took, whatever its route."""
+    return tqdm.tqdm(
+        total=copies, desc="NER scoring (tensor copies)", unit="copy", disable=quiet
+    )
+
+
 def score_matrices(
     tensors: list[OutputTensor],
     models: list[ResolvedModel],
@@ -317,6 +358,7 @@ def score_matrices(
     cache: ScoreCache | None = None,
     device: str | None = None,
     workers: Workers | None = None,
+    progress: tqdm.tqdm | None = None,
 ) -> dict[Place, BoundedScore | None]:
     """The scores of the wanted copies of the given tensors, each in the
     precision asked for (where the scoring mode has it).
@@ -332,7 +374,9 @@ def score_matrices(
     in reproducible settings (one BLAS thread), so the scores are the same bits
     whatever the workers. Aligned copies (`CopyReader.is_aligned`) depend on every
     model's vocabulary at once: they are scored here, bypassing the cache.
-    Scoring runs on `device` (mergekit's --device).
+    Scoring runs on `device` (mergekit's --device). Each copy moves `progress`
+    one step (a plan's one bar, see `scoring_progress`; by default a bar of
+    this call's own).
     """
     workers = workers or LocalWorkers(1)
     by_name = {tensor.name: tensor for tensor in tensors}
@@ -358,14 +402,13 @@ def score_matrices(
         jobs.append(replace(job, hub_file=model.hub_file(header.path)))
         places.append((tensor.name, index, stored))
     largest = max((working_set(job.header) for job in jobs), default=0)
-    progress = tqdm.tqdm(
-        total=len(copies),
-        initial=len(copies) - len(jobs) - len(aligned),
-        desc=f"NER scoring ({workers.describe(largest)})",
-        unit="tensor",
-        disable=quiet,
-    )
-    with progress, reproducible_scoring():
+    own = progress is None
+    progress = scoring_progress(len(copies), quiet) if own else progress
+    # Copies asked for beyond the total (a plan's refinements) extend it.
+    progress.total = max(progress.total, progress.n + len(copies))
+    progress.set_postfix_str(workers.describe(largest), refresh=False)
+    progress.update(len(copies) - len(jobs) - len(aligned))  # cached: done
+    with progress if own else nullcontext(), reproducible_scoring():
         if workers.in_process:
             function = partial(score_copy, scoring=scoring, shared=SharedScores(cache))
         else:  # results come back here, to be stored in the cache

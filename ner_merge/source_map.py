@@ -8,7 +8,8 @@ It stores decisions only: what a block or layer chose as one (its source and mea
 scores) is derived from its tensors (`ner_merge.selection.unit_decisions`), so it
 cannot go stale when a tensor is edited. Older maps are read and upgraded:
 version 1 stored those units and said what a tensor follows in one bare string;
-version 2 had exact scores only (no bounds).
+version 2 had exact scores only (no bounds); version 3 did not record which
+scoring route ran and why (`route`), only option `scoring` as resolved.
 """
 
 import json
@@ -23,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ner_merge.errors import SourceMapError
 from ner_merge.options import format_validation_error
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 SOURCE_MAP_FILE = "ner_source_map.json"  # its name in a merge's output folder
 
 Role = Literal["base", "fine-tuned"]
@@ -123,12 +124,30 @@ class UnitChoice(_Frozen):
     )
 
 
+# fast: float32 scores with bounds, float64 for near ties; exact: float64 only;
+# nerd: the reference tool's own float32 rule (`compat: nerd`).
+RouteName = Literal["fast", "exact", "nerd"]
+
+
+class ScoringRoute(_Frozen):
+    """How a plan computed its scores, and why that way (`scoring: auto` picks
+    by the device: see `ner_merge.scoring.scoring_route`)."""
+
+    scoring: RouteName
+    reason: str
+
+
 class SourceMap(_Frozen):
     """Every output tensor's source, plus what the choice was made from."""
 
-    format_version: Literal[3] = FORMAT_VERSION
+    format_version: Literal[4] = FORMAT_VERSION
     models: tuple[ModelEntry, ...]
     options: dict[str, object] = Field(description="The NER options used to plan.")
+    route: ScoringRoute | None = Field(
+        default=None,
+        description="The scoring route the plan took and why; null in a map "
+        "made otherwise than by a plan.",
+    )
     tensors: dict[str, TensorChoice]
 
     @model_validator(mode="after")
@@ -228,7 +247,7 @@ class SourceMap(_Frozen):
             raise SourceMapError(f"{where}: {error}") from None
         if not isinstance(document, dict):
             raise SourceMapError(f"{where}: expected a JSON object")
-        if document.get("format_version") in (1, 2):
+        if document.get("format_version") in (1, 2, 3):
             text = json.dumps(_upgraded(document))
         try:
             return cls.model_validate_json(text, strict=True)
@@ -239,11 +258,14 @@ class SourceMap(_Frozen):
 
 
 def _upgraded(document: dict) -> dict:
-    """A version 1 or 2 map as version 3. Version 1: units dropped (they are
-    derived now), each `follows` string told apart by what it names. Both: every
-    score was exact, which option `scoring` now records (no bounds are needed)."""
+    """A version 1, 2 or 3 map as version 4. Version 1: units dropped (they are
+    derived now), each `follows` string told apart by what it names. Versions 1
+    and 2: every score was exact, which option `scoring` now records (no bounds
+    are needed). All three: the route is what option `scoring` (as resolved then)
+    or `compat` says (none if neither says); why, these maps did not record."""
     tensors = document.get("tensors")
     options = document.get("options")
+    version = document.get("format_version")
     if not isinstance(tensors, dict) or not isinstance(options, dict):
         return document  # validation will say what is wrong
     upgraded = {}
@@ -251,12 +273,16 @@ def _upgraded(document: dict) -> dict:
         if isinstance(choice, dict) and isinstance(choice.get("follows"), str):
             choice = dict(choice, follows=_v1_follows(choice["follows"], tensors))
         upgraded[name] = choice
-    if options.get("compat") != "nerd":  # NERD's scores have a rule of their own
+    nerd = options.get("compat") == "nerd"  # NERD's scores have a rule of their own
+    if version in (1, 2) and not nerd:
         options = options | {"scoring": "exact"}
+    route = "nerd" if nerd else options.get("scoring")
+    reason = f"a format {version} map, which does not record why"
     rest = {key: value for key, value in document.items() if key != "units"}
     return rest | {
         "format_version": FORMAT_VERSION,
         "options": options,
+        "route": {"scoring": route, "reason": reason} if route else None,
         "tensors": upgraded,
     }
 

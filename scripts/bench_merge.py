@@ -83,19 +83,8 @@ def build_trio(root: Path, layers: int, scale: dict, count: int = 3) -> list[Pat
     paths = [folder / name for name in names]
     if all((p / "model.safetensors").exists() for p in paths):
         return paths
-    with torch.device("meta"):
-        shapes = {
-            name: tuple(t.shape)
-            for name, t in transformers.Qwen2ForCausalLM(config).state_dict().items()
-            if name != "lm_head.weight"  # tied
-        }
     generator = torch.Generator().manual_seed(0)
-    base = {
-        name: (torch.randn(shape, generator=generator) * 0.02).bfloat16()
-        if len(shape) == 2
-        else torch.ones(shape).bfloat16()
-        for name, shape in shapes.items()
-    }
+    base = random_base(config, generator)
     for seed, path in enumerate(paths):
         tensors = base
         if seed:
@@ -118,6 +107,23 @@ def build_trio(root: Path, layers: int, scale: dict, count: int = 3) -> list[Pat
 
 
 # ---- the runs (each in a child process) ------------------------------------------
+
+
+def random_base(config, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A tied Qwen2 model's tensors in bf16: Gaussian matrices (std 0.02), norms
+    of ones."""
+    import transformers
+
+    with torch.device("meta"):
+        model = transformers.Qwen2ForCausalLM(config)
+    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    shapes.pop("lm_head.weight")  # tied
+    return {
+        name: (torch.randn(shape, generator=generator) * 0.02).bfloat16()
+        if len(shape) == 2
+        else torch.ones(shape).bfloat16()
+        for name, shape in shapes.items()
+    }
 
 
 def write_recipe(path: Path, models: list[Path], method: str, **parameters) -> Path:

@@ -18,7 +18,7 @@ the reference tool's float32 svdvals, side by side, in one run.
    A 7B decoder layer (q, k, v, o, gate, up, down) is summed from the rows.
 2. Cold plans of a Qwen2 trio 1024 wide (`bench_busy.SCALE`, random bf16 base,
    fine-tunes = base plus noise), each in a fresh process with an empty score
-   cache and the default workers: scoring fast (the default), exact
+   cache and the default workers: scoring fast (`scoring: fast`), exact
    (`scoring: exact`), and the reference tool's way (float32 svdvals as stored,
    every decision by those scores). Whole command and `plan()` alone.
 3. Trained weights: all-MiniLM-L6-v2 and two SimCSE fine-tunes of it
@@ -284,8 +284,8 @@ def child(recipe: str, scoring: str, out: str) -> None:
         planner.SPEC_SCORING = Scoring(
             "svd32-as-stored", SPEC_SCORING.version, SPEC_SCORING.selects, svd32_score
         )
-    elif scoring == "exact":
-        loaded = loaded.with_options("--exact", scoring="exact")
+    else:
+        loaded = loaded.with_options("--scoring", scoring=scoring)
     start = time.perf_counter()
     source_map = planner.plan(loaded, quiet=True)
     seconds = time.perf_counter() - start

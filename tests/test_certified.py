@@ -42,6 +42,10 @@ def with_gap(weight: torch.Tensor, gap: float) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def near_ties(tmp_path_factory) -> dict:
+    return build_near_ties(tmp_path_factory.mktemp("near-ties"))
+
+
+def build_near_ties(root) -> dict:
     """Base, `one` (NER + gap) and `two` (NER + gap / 2, or - gap on odd
     matrices) in float32: gaps from 1e-7 to 1e-4 over the tall matrices."""
     base = pico.base_model("qwen2", seed=0)
@@ -58,7 +62,6 @@ def near_ties(tmp_path_factory) -> dict:
             one.state_dict()[name].copy_(with_gap(weight, gap))
             other = -gap if number % 2 else gap / 2
             two.state_dict()[name].copy_(with_gap(weight, other))
-    root = tmp_path_factory.mktemp("near-ties")
     folders = {
         label: pico.save_model(model, root / label, dtype=torch.float32)
         for label, model in (("base", base), ("one", one), ("two", two))
@@ -81,12 +84,14 @@ def eigensolves(monkeypatch) -> list[torch.dtype]:
     return solved
 
 
-def _plan(tmp_path, folders, workers: int = 1, **options):
+def _plan(tmp_path, folders, workers: int = 1, scoring: str = "fast", **options):
+    """A plan of the trio, fast unless asked otherwise (auto is exact on a CPU)."""
     recipe = write_recipe(
         tmp_path / "r.yml",
         folders["base"],
         [folders["one"], folders["two"]],
         dtype="float32",
+        scoring=scoring,
         **options,
     )
     return plan(Recipe.from_file(recipe), quiet=True, workers=LocalWorkers(workers))

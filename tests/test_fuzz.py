@@ -58,7 +58,7 @@ VALID_OPTIONS = {
     "keep_base": st.none() | patterns.map(",".join),
     "compat": st.sampled_from([None, "nerd"]),
     "stabilize": st.booleans(),
-    "scoring": st.sampled_from([None, "fast", "exact"]),
+    "scoring": st.sampled_from(["auto", "fast", "exact"]),
     "nonfinite": st.sampled_from(["error", "lose"]),
 }
 DEFAULTS = {
@@ -67,11 +67,13 @@ DEFAULTS = {
     "keep_base": None,
     "compat": None,
     "stabilize": None,  # unset: on with compat nerd (NerOptions.stabilizes)
-    "scoring": None,  # unset: fast (NerOptions.precision)
+    "scoring": "auto",  # exact on a CPU, fast on a GPU (scoring.scoring_route)
     "nonfinite": "error",
 }
 valid_options = st.fixed_dictionaries({}, optional=VALID_OPTIONS).filter(
-    lambda options: options.get("compat") is None or options.get("scoring") is None
+    lambda options: (
+        options.get("compat") is None or options.get("scoring", "auto") == "auto"
+    )
 )  # NERD scores by a rule of its own
 
 
@@ -280,10 +282,17 @@ def valid_maps(draw) -> dict:
     tensors = {
         draw(st.text(max_size=16)): choice() for _ in range(draw(st.integers(0, 4)))
     }
+    route = st.none() | st.fixed_dictionaries(
+        {
+            "scoring": st.sampled_from(["fast", "exact", "nerd"]),
+            "reason": st.text(max_size=24),
+        }
+    )
     return {
-        "format_version": 3,
+        "format_version": 4,
         "models": models,
         "options": draw(st.dictionaries(st.text(max_size=8), finite_json, max_size=3)),
+        "route": draw(route),
         "tensors": tensors,
     }
 

@@ -16,7 +16,7 @@ from ner_merge.selection import (
     uncertain_copies,
     unit_decisions,
 )
-from ner_merge.source_map import Follows, ModelEntry, SourceMap
+from ner_merge.source_map import Follows, ModelEntry, ScoringRoute, SourceMap
 
 NAMES = ["base", "one", "two"]
 
@@ -280,18 +280,48 @@ def test_an_edited_keep_base_tensor_reads_override():
 
 
 def _older(source_map: SourceMap) -> dict:
-    """A map as versions 1 and 2 wrote it: exact scores only, no bounds."""
+    """A map as versions 1 and 2 wrote it: exact scores only, no bounds, no
+    route."""
     document = json.loads(source_map.to_json())
+    del document["route"]
     for choice in document["tensors"].values():
         del choice["bounds"], choice["refined"]
     return document | {"format_version": 2}
+
+
+def _read_as(version: int, route: str) -> dict:
+    """What an older map's upgrade adds: option `scoring` as it ran (versions 1
+    and 2 scored exactly), and the route, without a reason."""
+    reason = f"a format {version} map, which does not record why"
+    return {
+        "options": {"scoring": route},
+        "route": ScoringRoute(scoring=route, reason=reason),
+    }
 
 
 def test_a_version_2_map_is_read_as_exact_scores(tmp_path):
     _, planned = _planned(Selection("module"), {Q0: 2})
     (tmp_path / "v2.json").write_text(json.dumps(_older(planned)))
     upgraded = SourceMap.load(tmp_path / "v2.json")
-    assert upgraded == planned.model_copy(update={"options": {"scoring": "exact"}})
+    assert upgraded == planned.model_copy(update=_read_as(2, "exact"))
+
+
+@pytest.mark.parametrize("scoring", ["fast", "exact"])
+def test_a_version_3_map_takes_its_route_from_option_scoring(tmp_path, scoring):
+    """Version 3 recorded `scoring` resolved (fast by default), but no route."""
+    _, planned = _planned(Selection(), {Q0: 1})
+    document = json.loads(planned.to_json())
+    del document["route"]
+    document |= {"format_version": 3, "options": {"scoring": scoring}}
+    (tmp_path / "v3.json").write_text(json.dumps(document))
+    upgraded = SourceMap.load(tmp_path / "v3.json")
+    assert upgraded == planned.model_copy(update=_read_as(3, scoring))
+    nerd = document | {"options": {"compat": "nerd", "scoring": None}}
+    (tmp_path / "nerd.json").write_text(json.dumps(nerd))
+    assert SourceMap.load(tmp_path / "nerd.json").route.scoring == "nerd"
+    del document["options"]["scoring"]  # a hand-made map: no route to tell
+    (tmp_path / "bare.json").write_text(json.dumps(document))
+    assert SourceMap.load(tmp_path / "bare.json").route is None
 
 
 def test_a_version_1_map_is_read_and_upgraded(tmp_path):
@@ -320,7 +350,7 @@ def test_a_version_1_map_is_read_and_upgraded(tmp_path):
     }
     (tmp_path / "v1.json").write_text(json.dumps(document))
     upgraded = SourceMap.load(tmp_path / "v1.json")
-    assert upgraded == planned.model_copy(update={"options": {"scoring": "exact"}})
+    assert upgraded == planned.model_copy(update=_read_as(1, "exact"))
 
 
 def test_a_follower_marked_override_stays_while_its_matrix_moves():
