@@ -93,7 +93,7 @@ def float32_misorders(winner: torch.Tensor) -> torch.Tensor:
             loser = (winner.double() * (1 + 3e-7 * noise)).float()
             if exact - reference_ner(loser) >= 1e-10 and fast_score(loser).value > fast:
                 return loser
-    pytest.fail("no copy found whose float32 score float32 misorders")
+    pytest.fail("found no copy that float32 ranks above `winner` and float64 below")
 
 
 @pytest.fixture(scope="module")
