@@ -2,6 +2,7 @@
 reference implementations to check the package against."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -128,6 +129,41 @@ def brute_force_winners(models: list[Path]) -> dict[str, int]:
             scores = [reference_ner(tensors[name]) for tensors in loaded]
             winners[name] = scores.index(max(scores))
     return winners
+
+
+def eigensolves(monkeypatch) -> list[torch.dtype]:
+    """The dtype of every eigensolve from now on: one per score computed, in
+    either precision (check_device's 2 x 2 probe aside)."""
+    solved = []
+    real = torch.linalg.eigvalsh
+
+    def counted(gram, *args, **kwargs):
+        if gram.shape[0] > 2:
+            solved.append(gram.dtype)
+        return real(gram, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigvalsh", counted)
+    return solved
+
+
+def reference_strided_perplexity(model, tokens: torch.Tensor, window: int) -> float:
+    """The strided evaluation of Hugging Face's perplexity guide, written here
+    from transformers' own loss: windows advance by half a window, and labels
+    of tokens an earlier window scored are masked (-100)."""
+    nll, count, scored_to = 0.0, 0, 0
+    for begin in range(0, len(tokens), window // 2):
+        end = min(begin + window, len(tokens))
+        ids = tokens[begin:end][None]
+        labels = ids.clone()
+        labels[:, : scored_to - begin] = -100
+        predicted = int((labels[:, 1:] != -100).sum())  # the first is never
+        loss = model(input_ids=ids, labels=labels).loss  # mean over `predicted`
+        nll += loss.double().item() * predicted
+        count += predicted
+        scored_to = end
+        if end == len(tokens):
+            break
+    return math.exp(nll / count)
 
 
 BIT_VIEWS = {

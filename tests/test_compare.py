@@ -1,23 +1,33 @@
-"""`ner-merge compare`: its table is `ner-merge eval`'s on the same folders, its
-recipes really differ, its output is reproducible, and every refusal comes
-before any scoring or merging, in one line, leaving nothing written."""
+"""`ner-merge compare`: its table holds each folder's perplexity computed here,
+its files read back as that table, its plain average is the mean of the inputs,
+its recipes really differ, its output is reproducible (determinism), and every
+refusal comes before any scoring or merging, in one line, leaving nothing
+written."""
 
 import json
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
+import transformers
 from click.testing import CliRunner
 
 from ner_merge.cache import CACHE_DIR_VARIABLE
 from ner_merge.cli import main
 from ner_merge.demo import TEXTS
-from ner_merge.evaluate import evaluate
 from ner_merge.source_map import SOURCE_MAP_FILE
-from tests.helpers import load_tensors, snapshot, write_recipe
+from tests.helpers import (
+    load_tensors,
+    reference_strided_perplexity,
+    snapshot,
+    twin,
+    write_recipe,
+)
 
 CHARACTERS = 400  # of each held-out text: a few windows of the pico models
 RECIPES = {"tensor": {}, "layer": {"granularity": "layer"}}
+TEXT_NAMES = ("sea", "kitchen")  # DIR/NAME.txt: held-out prose of each domain
 
 
 def _workspace(root: Path, trio: dict[str, Path]) -> Path:
@@ -27,7 +37,7 @@ def _workspace(root: Path, trio: dict[str, Path]) -> Path:
     models = [Path("models/one"), Path("models/two")]
     for name, parameters in RECIPES.items():
         write_recipe(root / f"{name}.yml", Path("models/base"), models, **parameters)
-    for domain in ("sea", "kitchen"):
+    for domain in TEXT_NAMES:
         text = (TEXTS / f"heldout_{domain}.txt").read_text()[:CHARACTERS]
         (root / f"{domain}.txt").write_text(text)
     return root
@@ -59,31 +69,82 @@ def compared(tmp_path_factory, qwen_trio) -> Path:
     return root
 
 
-def _cells(table: str) -> list[list[str]]:
-    """The numbers of a printed table, row by row (labels left out)."""
-    return [line.split()[1:] for line in table.splitlines()[2:]]
+INPUTS = ["models/base", "models/one", "models/two"]
+ROWS = INPUTS + ["tensor.yml", "layer.yml", "linear"]
+FOLDERS = INPUTS + ["out/tensor", "out/layer", "out/linear"]
 
 
-def test_the_table_is_ner_merge_eval_on_the_same_folders(compared, monkeypatch):
-    monkeypatch.chdir(compared)
-    folders = ["models/base", "models/one", "models/two"]
-    folders += ["out/tensor", "out/layer", "out/linear"]
-    texts = ["sea.txt", "kitchen.txt"]
-    done = CliRunner().invoke(
-        main, ["eval", *folders, "-t", texts[0], "-t", texts[1], "--quiet"]
-    )
-    assert done.exit_code == 0, done.output
-    printed = (compared / "stdout.txt").read_text()
-    assert _cells(printed) == _cells(done.stdout)
-    labels = [line.split()[0] for line in printed.splitlines()[2:]]
-    assert labels == folders[:3] + ["tensor.yml", "layer.yml", "linear"]
-    # The saved numbers are evaluate()'s, exactly.
+def _reference_perplexity(folder: Path, text: Path) -> float:
+    """The folder's perplexity on the text, from transformers' own loss in
+    windows of its whole context (`reference_strided_perplexity`)."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32
+    ).eval()
+    tokens = torch.tensor(tokenizer(text.read_text())["input_ids"])
+    with torch.inference_mode():
+        window = model.config.max_position_embeddings
+        return reference_strided_perplexity(model, tokens, window)
+
+
+def test_compare_json_holds_each_folders_perplexity_and_the_best(compared):
     document = json.loads((compared / "out" / "compare.json").read_text())
-    saved = [
-        [row["perplexity"][text] for text in ("sea", "kitchen")]
-        for row in document["rows"]
-    ]
-    assert saved == [list(row) for row in evaluate(folders, texts).values]
+    assert [row["name"] for row in document["rows"]] == ROWS
+    assert [text["name"] for text in document["texts"]] == list(TEXT_NAMES)
+    for text in TEXT_NAMES:
+        reference = {
+            label: _reference_perplexity(compared / folder, compared / f"{text}.txt")
+            for label, folder in zip(ROWS, FOLDERS)
+        }
+        for row in document["rows"]:
+            saved = row["perplexity"][text]
+            assert saved == pytest.approx(reference[row["name"]], rel=1e-5), row
+        assert document["best"][text] == min(reference, key=reference.get)
+
+
+def _markdown_columns(markdown: str) -> dict[str, list[str]]:
+    """The table of compare.md, column by column: header -> cells, top down."""
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    header, _, *rows = (line.strip("|").split("|") for line in lines)
+    cells = [[cell.strip() for cell in row] for row in rows]
+    return {name.strip(): list(column) for name, column in zip(header, zip(*cells))}
+
+
+def _printed_columns(printed: str) -> dict[str, list[str]]:
+    """The table printed on stdout, column by column: header -> cells."""
+    header, *rows = (line.split() for line in printed.splitlines()[1:])
+    return {name: list(column) for name, column in zip(header, zip(*rows))}
+
+
+def test_compare_md_and_the_printed_table_read_back_as_compare_json(compared):
+    """Column by column, each cell is compare.json's value to two decimals; the
+    lowest of each column (found here) bold in compare.md, starred when printed."""
+    document = json.loads((compared / "out" / "compare.json").read_text())
+    markdown = _markdown_columns((compared / "out" / "compare.md").read_text())
+    printed = _printed_columns((compared / "stdout.txt").read_text())
+    assert list(markdown) == list(printed) == ["model", *TEXT_NAMES]
+    assert markdown["model"] == printed["model"] == ROWS
+    for text in TEXT_NAMES:
+        values = [row["perplexity"][text] for row in document["rows"]]
+        lowest = min(values)
+        assert markdown[text] == [
+            f"**{v:.2f}**" if v == lowest else f"{v:.2f}" for v in values
+        ], text
+        assert printed[text] == [f"{v:.2f}" + "*" * (v == lowest) for v in values]
+
+
+def test_the_plain_average_is_the_mean_of_the_inputs(compared):
+    """Every tensor of out/linear is the inputs' mean, computed here in float32
+    and rounded to the recipes' dtype (bfloat16), bit for bit."""
+    inputs = [load_tensors(compared / folder) for folder in INPUTS]
+    average = load_tensors(compared / "out" / "linear")
+    assert average.keys() == inputs[0].keys()
+    for name, tensor in average.items():
+        copies = [model[name] for model in inputs]
+        mean = (copies[0].float() + copies[1].float() + copies[2].float()) / 3
+        assert tensor.dtype == torch.bfloat16, name
+        differing = int((tensor != mean.to(torch.bfloat16)).sum())
+        assert differing == 0, f"{name}: {differing} of {tensor.numel()} values"
 
 
 def test_recipes_differing_only_in_granularity_give_different_maps(compared):
@@ -120,7 +181,9 @@ def test_progress_is_a_line_per_step_and_a_total(compared):
     assert lines[-1].startswith("compare: 3 merges, 6 models x 2 texts in ")
 
 
-def test_the_same_inputs_give_the_same_bytes_and_a_rerun_replaces_dir(compared):
+def test_determinism_the_same_inputs_give_the_same_bytes_and_a_rerun_replaces_dir(
+    compared,
+):
     """Run again into the same DIR (its own output: replaced) in a fresh score
     cache: every file is as before, but the report's `Created:` line."""
     before = snapshot(compared / "out")
@@ -160,13 +223,26 @@ def _with_texts(*recipes: str) -> list[str]:
     return [*recipes, "-t", "sea.txt"]
 
 
-def test_recipes_of_other_models_are_refused(workspace, isolated_score_cache):
-    write_recipe(workspace / "small.yml", Path("models/base"), [Path("models/one")])
+@pytest.mark.parametrize(
+    "models, says",
+    [
+        (["models/one"], "it lacks models/two"),
+        (["models/one", "models/two", "models/three"], "it also merges models/three"),
+    ],
+    ids=["fewer", "more"],
+)
+def test_recipes_of_other_models_are_refused(
+    workspace, isolated_score_cache, models, says
+):
+    twin(workspace / "models" / "two", workspace / "models" / "three")
+    write_recipe(
+        workspace / "other.yml", Path("models/base"), [Path(m) for m in models]
+    )
     _refused(
         workspace,
         isolated_score_cache,
-        _with_texts("tensor.yml", "small.yml"),
-        "small.yml: merges other models than tensor.yml (it lacks models/two); "
+        _with_texts("tensor.yml", "other.yml"),
+        f"other.yml: merges other models than tensor.yml ({says}); "
         "compare recipes of the same models",
     )
 

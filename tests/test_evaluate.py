@@ -12,6 +12,7 @@ from ner_merge import demo
 from ner_merge.cli import main
 from ner_merge.evaluate import evaluate, perplexity
 from tests import pico
+from tests.helpers import reference_strided_perplexity
 
 CHARACTERS = 1500  # of each training text to score: a dozen windows
 
@@ -69,26 +70,6 @@ def test_perplexity_is_transformers_own_loss_in_one_window_or_strided(specialist
     # Shorter context: a different value, that of the strided reference.
     assert strided != whole
     assert strided == pytest.approx(reference, rel=1e-5)
-
-
-def reference_strided_perplexity(model, tokens: torch.Tensor, window: int) -> float:
-    """The strided evaluation of Hugging Face's perplexity guide, written here
-    from transformers' own loss: windows advance by half a window, and labels
-    of tokens an earlier window scored are masked (-100)."""
-    nll, count, scored_to = 0.0, 0, 0
-    for begin in range(0, len(tokens), window // 2):
-        end = min(begin + window, len(tokens))
-        ids = tokens[begin:end][None]
-        labels = ids.clone()
-        labels[:, : scored_to - begin] = -100
-        predicted = int((labels[:, 1:] != -100).sum())  # the first is never
-        loss = model(input_ids=ids, labels=labels).loss  # mean over `predicted`
-        nll += loss.double().item() * predicted
-        count += predicted
-        scored_to = end
-        if end == len(tokens):
-            break
-    return math.exp(nll / count)
 
 
 def test_eval_cli_prints_a_row_per_model_and_a_column_per_text(specialists, tmp_path):

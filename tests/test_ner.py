@@ -5,7 +5,10 @@ import math
 import pytest
 import torch
 
+from ner_merge import ner
 from ner_merge.ner import (
+    FLOAT32_EPS,
+    GRAM_SAFETY_FACTOR,
     BoundedScore,
     NonFiniteMatrixError,
     _blocked_gram_lower,
@@ -15,7 +18,7 @@ from ner_merge.ner import (
     ner_from_singular_values,
     normalized_effective_rank,
 )
-from tests.helpers import reference_ner
+from tests.helpers import eigensolves, reference_ner
 
 
 def with_spectrum(values: torch.Tensor, rows: int, seed: int) -> torch.Tensor:
@@ -268,6 +271,69 @@ def test_float32_scores_of_trained_weights_are_within_their_bounds():
 def test_where_float32_cannot_bound_the_score_it_is_exact(matrix):
     fast = fast_score(matrix)
     assert fast.exact and fast.value == normalized_effective_rank(matrix)
+
+
+def _float32_cannot_bound(spectrum: torch.Tensor) -> bool:
+    """Whether float32 could bound a matrix of these singular values at all: not
+    when even its exact Gram eigenvalues, each in doubt by float32's delta, give
+    an infinite NER bound."""
+    eigenvalues = spectrum.double().sort().values ** 2
+    unit = GRAM_SAFETY_FACTOR * math.sqrt(len(spectrum)) * FLOAT32_EPS
+    return ner_error_bound(eigenvalues, unit * eigenvalues[-1].item()) == math.inf
+
+
+def _float32_grams(monkeypatch) -> list[torch.dtype]:
+    """The dtype of every Gram matrix the kernel forms from now on."""
+    formed = []
+    real = ner.gram_lower_triangle
+
+    def counted(a, dtype=torch.float64):
+        formed.append(dtype)
+        return real(a, dtype)
+
+    monkeypatch.setattr(ner, "gram_lower_triangle", counted)
+    return formed
+
+
+def test_a_matrix_passing_the_pre_test_without_a_finite_bound_is_scored_exactly(
+    monkeypatch,
+):
+    """The Cholesky pre-test takes its delta from G's largest diagonal entry,
+    which lies below lambda_max, so it may pass a matrix whose bound is then
+    infinite: one large singular value over many small ones (correlated columns:
+    lambda_max about 6 times the largest diagonal entry) and a smallest value
+    between the two limits. Its float32 eigensolve is spent, and the score is
+    the exact one."""
+    spectrum = torch.cat([torch.ones(1), torch.full((58,), 0.1), torch.tensor([0.014])])
+    matrix = with_spectrum(spectrum.double(), 200, seed=3).float()
+    assert _float32_cannot_bound(spectrum)
+    exact = normalized_effective_rank(matrix)
+    solved = eigensolves(monkeypatch)
+    fast = fast_score(matrix)
+    assert fast.exact and fast.value == exact
+    assert solved == [torch.float32, torch.float64]  # passed; then the exact route
+
+
+@pytest.mark.parametrize(
+    "rows, spectrum, float32_grams",
+    [(64, torch.linspace(1, 0.01, 64), 0), (200, torch.logspace(0, -10, 60), 1)],
+    ids=["square", "steep"],
+)
+def test_float32_spends_no_eigensolve_where_it_cannot_pay(
+    rows, spectrum, float32_grams, monkeypatch
+):
+    """Where float32 cannot bound the score, it must not cost an eigensolve: a
+    square matrix forms no float32 Gram matrix at all (the aspect test), a
+    steep tall one stops at the Cholesky pre-test. Counted: one eigensolve, in
+    float64, that of the exact route."""
+    matrix = with_spectrum(spectrum.double(), rows, seed=5).float()
+    assert _float32_cannot_bound(spectrum)
+    exact = normalized_effective_rank(matrix)
+    formed, solved = _float32_grams(monkeypatch), eigensolves(monkeypatch)
+    fast = fast_score(matrix)
+    assert fast.exact and fast.value == exact
+    assert solved == [torch.float64]  # the exact route's only
+    assert formed.count(torch.float32) == float32_grams
 
 
 def test_the_float32_route_refuses_non_finite_values():
