@@ -290,8 +290,9 @@ def test_the_report_marks_each_refined_decision_and_counts_units(
         f"float64; scores: {3 * len(scored)}, {bounded} float32 with bounds, "
         f"{3 * len(scored) - bounded} exact"
     )
-    assert plan_table(fast).splitlines()[-1] == summary
-    assert f"Scoring: {summary}." in report
+    route = "route fast (asked for (scoring: fast)); "
+    assert plan_table(fast).splitlines()[-1] == route + summary
+    assert f"Scoring: {route}{summary}." in report
     exact = _plan(tmp_path, wrong_winners["folders"], scoring="exact")
     exact_report = render_report(exact, Recipe.from_file(tmp_path / "r.yml"), "now")
     assert "near tie," not in exact_report
