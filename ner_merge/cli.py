@@ -152,6 +152,16 @@ def save_map(source_map: "SourceMap", path: str) -> None:
     help="Score on this torch device, e.g. cuda:1 or auto (as mergekit-yaml's).",
 )
 @click.option(
+    "--lora-merge-cache",
+    type=click.Path(file_okay=False),
+    help="Where LoRA fine-tunes (model: BASE+ADAPTER) are merged before scoring, "
+    "as mergekit-yaml's (default: a folder in the cache).",
+)
+@click.option(
+    "--lora-merge-dtype",
+    help="The dtype LoRA adapters are merged in, as mergekit-yaml's.",
+)
+@click.option(
     "--exact",
     is_flag=True,
     help="Score every copy in float64 (the recipe option `scoring: exact`). By "
@@ -178,6 +188,8 @@ def plan_command(
     quiet: bool,
     cuda: bool,
     device: str | None,
+    lora_merge_cache: str | None,
+    lora_merge_dtype: str | None,
     exact: bool,
     workers: int | None,
     ray_address: str | None,
@@ -202,7 +214,13 @@ def plan_command(
             recipe = recipe.with_options("--exact", scoring="exact")
         if output:
             check_output_file(output)
-        options = MergeOptions(cuda=cuda, device=device, quiet=quiet)
+        options = MergeOptions(
+            cuda=cuda,
+            device=device,
+            quiet=quiet,
+            lora_merge_cache=lora_merge_cache,
+            lora_merge_dtype=lora_merge_dtype,
+        )
         scorers = choose_workers(workers, ray_address)
         source_map = plan(recipe, options, quiet=quiet, workers=scorers)
     except NerMergeError as error:

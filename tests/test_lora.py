@@ -7,15 +7,19 @@ mergekit or ner-merge.
 """
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import peft
 import pytest
 import torch
 import transformers
+from click.testing import CliRunner
 from mergekit.options import MergeOptions
 
+from ner_merge.cli import main
 from ner_merge.errors import ModelError, SourceMapError
 from ner_merge.inventory import resolve_models
 from ner_merge.lora import LORA_CACHE_FOLDER
@@ -32,6 +36,8 @@ from tests.helpers import (
     reference_ner,
     run_merge,
 )
+from tests.test_hub import ORG, add_to_cache
+from tests.test_merge import MERGEKIT_YAML
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -149,17 +155,22 @@ def test_a_changed_adapter_is_merged_and_scored_anew(tmp_path, lora_models):
 
 
 def test_user_lora_merge_cache_is_used_and_reused(tmp_path, lora_models):
+    """`ner-merge plan --lora-merge-cache DIR` merges the adapter into DIR, and a
+    merge with that folder reads the very merge the plan scored."""
     base, adapter = lora_models["base"], lora_models["adapter"]
     recipe = lora_recipe(tmp_path / "r.yml", base, adapter, lora_models["one"])
-    mine = tmp_path / "mine"
-    run_merge(recipe, tmp_path / "out", lora_merge_cache=str(mine))
+    mine, map_file = tmp_path / "mine", tmp_path / "map.json"
+    arguments = [str(recipe), "-o", str(map_file), "--lora-merge-cache", str(mine)]
+    done = CliRunner().invoke(main, ["plan", "--quiet", *arguments])
+    assert done.exit_code == 0, done.output
     (merged,) = mine.iterdir()
     weights = merged / "model.safetensors"
     before = weights.stat().st_mtime_ns
-    run_merge(recipe, tmp_path / "again", lora_merge_cache=str(mine))
+    run_merge(recipe, tmp_path / "out", lora_merge_cache=str(mine))
     assert [merged] == list(mine.iterdir()) and weights.stat().st_mtime_ns == before
-    source_map = assert_bit_identical_to_sources(tmp_path / "again")
+    source_map = assert_bit_identical_to_sources(tmp_path / "out")
     assert source_map["models"][1]["path"] == str(merged)
+    assert source_map == json.loads(map_file.read_text())
 
 
 def test_a_lora_fine_tune_may_be_the_base(tmp_path, lora_models):
@@ -245,3 +256,41 @@ def test_an_adapter_of_other_shapes_is_refused_naming_each_tensor(
             f"base, but the adapter's {prefix}.lora_B.weight [48, 4] x "
             f"{prefix}.lora_A.weight [4, 32] make [48, 32]"
         )
+
+
+def test_hub_base_and_adapter_resolve_offline(tmp_path, lora_models):
+    """`org/base+org/adapter@tag` from a Hub cache, offline, via mergekit-yaml."""
+    cache = tmp_path / "hub"
+    commits = {
+        name: add_to_cache(cache, f"{ORG}/{name}", lora_models[name], ["main", "v1"])
+        for name in ("base", "adapter")
+    }
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(
+        f"merge_method: ner\nbase_model: {ORG}/base\n"
+        f"models:\n  - model: {ORG}/base+{ORG}/adapter@v1\ndtype: bfloat16\n"
+    )
+    environment = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": str(cache),
+        "HF_HOME": str(tmp_path / "hf-home"),
+    }
+    done = subprocess.run(
+        [MERGEKIT_YAML, str(recipe), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=environment,
+    )
+    assert done.returncode == 0, done.stderr
+    source_map = assert_bit_identical_to_sources(tmp_path / "out")
+    lora = source_map["models"][1]["lora"]
+    assert lora["base"]["revision"] == commits["base"]
+    assert lora["adapter"]["revision"] == commits["adapter"]
+    assert lora["adapter"]["path"].startswith(str(cache))
+    truth = peft_merged(lora_models["base"], lora_models["adapter"])
+    merged = load_tensors(Path(source_map["models"][1]["path"]))
+    assert all(same_bits(tensor, truth[name]) for name, tensor in merged.items())
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"* [{ORG}/base](https://huggingface.co/{ORG}/base)+{ORG}/adapter@v1" in card
