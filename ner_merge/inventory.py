@@ -100,9 +100,16 @@ def resolve_models(
     for index, first in enumerate(models):
         for second in models[index + 1 :]:
             if same_content(first, second):
+                adapters = [
+                    f" (adapter {model.adapter.path} changes no tensor of "
+                    f"{model.base.path})"
+                    for model in (first, second)
+                    if model.adapter is not None and model.base is not None
+                ]
                 raise ModelError(
                     f"{recipe.where}: models {first.name} and {second.name} hold "
                     "the same weights (every tensor identical); list each model once"
+                    + "".join(adapters)
                 )
     return models
 

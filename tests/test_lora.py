@@ -229,6 +229,13 @@ def test_a_folder_without_an_adapter_is_refused(
         f"{weightless} is not a PEFT adapter "
         "(no adapter_model.safetensors or adapter_model.bin)"
     )
+    foreign = shutil.copytree(lora_models["adapter"], tmp_path / "foreign")
+    (foreign / "adapter_config.json").write_text("{}")
+    recipe = lora_recipe(tmp_path / "r.yml", lora_models["base"], foreign)
+    message = refusal(isolated_score_cache, recipe)
+    assert message.endswith(
+        f"{foreign / 'adapter_config.json'} is not a PEFT adapter's (no peft_type)"
+    )
 
 
 def test_an_adapter_of_other_shapes_is_refused_naming_each_tensor(
@@ -294,3 +301,17 @@ def test_hub_base_and_adapter_resolve_offline(tmp_path, lora_models):
     assert all(same_bits(tensor, truth[name]) for name, tensor in merged.items())
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"* [{ORG}/base](https://huggingface.co/{ORG}/base)+{ORG}/adapter@v1" in card
+
+
+def test_an_adapter_that_changes_nothing_is_named(tmp_path, lora_models):
+    """peft's default initialisation makes B zero: an untrained adapter merges
+    into the base's very weights, and the refusal says which adapter did."""
+    base = lora_models["base"]
+    adapter = make_adapter(base, tmp_path / "adapter", seed=4, init_lora_weights=True)
+    recipe = Recipe.from_file(lora_recipe(tmp_path / "r.yml", base, adapter))
+    with pytest.raises(ModelError) as caught:
+        resolve_models(recipe)
+    assert str(caught.value).endswith(
+        f"hold the same weights (every tensor identical); list each model once "
+        f"(adapter {adapter} changes no tensor of {base})"
+    )
