@@ -23,7 +23,7 @@ from ner_merge.cli import main
 from ner_merge.errors import ModelError, SourceMapError
 from ner_merge.inventory import resolve_models
 from ner_merge.lora import LORA_CACHE_FOLDER
-from ner_merge.pipeline import checked_source_map
+from ner_merge.pipeline import checked_source_map, streaming_options
 from ner_merge.planner import plan
 from ner_merge.recipe import Recipe
 from tests import pico
@@ -118,10 +118,17 @@ def test_merge_takes_peft_merged_tensors_bit_for_bit(tmp_path, lora_models):
     assert f"base `{base}`, adapter `{adapter}`" in report
 
 
-def test_untouched_tensors_are_the_bases_bytes(tmp_path, lora_models):
+def test_untouched_tensors_are_the_bases_bytes(
+    tmp_path, lora_models, isolated_score_cache
+):
     base, adapter = lora_models["base"], lora_models["adapter"]
     recipe = Recipe.from_file(lora_recipe(tmp_path / "r.yml", base, adapter))
     base_model, lora_model = resolve_models(recipe)
+    # merged in the cache folder, which the merge is then given
+    folder = isolated_score_cache / LORA_CACHE_FOLDER
+    assert Path(lora_model.path).parent == folder
+    options = streaming_options(MergeOptions(), [base_model, lora_model])
+    assert options.lora_merge_cache == str(folder)
     truth, stored = peft_merged(base, adapter), load_tensors(base)
     changed = {name for name in stored if not same_bits(stored[name], truth[name])}
     assert changed and all(any(t in n for t in TARGETS) for n in changed)
