@@ -152,16 +152,6 @@ def save_map(source_map: "SourceMap", path: str) -> None:
     help="Score on this torch device, e.g. cuda:1 or auto (as mergekit-yaml's).",
 )
 @click.option(
-    "--lora-merge-cache",
-    type=click.Path(file_okay=False),
-    help="Where LoRA fine-tunes (model: BASE+ADAPTER) are merged before scoring, "
-    "as mergekit-yaml's (default: a folder in the cache).",
-)
-@click.option(
-    "--lora-merge-dtype",
-    help="The dtype LoRA adapters are merged in, as mergekit-yaml's.",
-)
-@click.option(
     "--exact",
     is_flag=True,
     help="Score every copy in float64 (the recipe option `scoring: exact`). By "
@@ -181,6 +171,16 @@ def save_map(source_map: "SourceMap", path: str) -> None:
     help="Score on this Ray cluster (an address, or auto; $NER_MERGE_RAY). "
     "Needs ner-merge[ray].",
 )
+@click.option(
+    "--lora-merge-cache",
+    type=click.Path(file_okay=False),
+    help="Where LoRA fine-tunes (model: BASE+ADAPTER) are merged before scoring, "
+    "as mergekit-yaml's (default: a folder in the cache).",
+)
+@click.option(
+    "--lora-merge-dtype",
+    help="The dtype LoRA adapters are merged in, as mergekit-yaml's.",
+)
 def plan_command(
     recipe_file: str,
     output: str | None,
@@ -188,11 +188,11 @@ def plan_command(
     quiet: bool,
     cuda: bool,
     device: str | None,
-    lora_merge_cache: str | None,
-    lora_merge_dtype: str | None,
     exact: bool,
     workers: int | None,
     ray_address: str | None,
+    lora_merge_cache: str | None,
+    lora_merge_dtype: str | None,
 ) -> None:
     """Score RECIPE_FILE's models and write or show the source map, merging nothing.
 
