@@ -37,9 +37,13 @@ def _hub_id(model: ModelReference) -> str | None:
 
 
 def _named(model: ModelReference) -> str:
-    """The card's name for a model: a link for a Hub id, the path for a folder."""
+    """The card's name for a model: a link for a Hub id, the path for a folder;
+    a LoRA fine-tune's adapter follows its base, as the recipe writes it."""
     hub_id = _hub_id(model)
-    return f"[{hub_id}]({HUB_URL}/{hub_id})" if hub_id else str(model)
+    if not hub_id:
+        return str(model)
+    adapter = f"+{model.lora}" if model.lora else ""
+    return f"[{hub_id}]({HUB_URL}/{hub_id}){adapter}"
 
 
 def model_card(config: MergeConfiguration, config_source: str, name: str) -> str:

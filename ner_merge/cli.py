@@ -173,6 +173,16 @@ def save_map(source_map: "SourceMap", path: str) -> None:
     help="Score on this Ray cluster (an address, or auto; $NER_MERGE_RAY). "
     "Needs ner-merge[ray].",
 )
+@click.option(
+    "--lora-merge-cache",
+    type=click.Path(file_okay=False),
+    help="Where LoRA fine-tunes (model: BASE+ADAPTER) are merged before scoring, "
+    "as mergekit-yaml's (default: a folder in the cache).",
+)
+@click.option(
+    "--lora-merge-dtype",
+    help="The dtype LoRA adapters are merged in, as mergekit-yaml's.",
+)
 def plan_command(
     recipe_file: str,
     output: str | None,
@@ -184,6 +194,8 @@ def plan_command(
     exact: bool,
     workers: int | None,
     ray_address: str | None,
+    lora_merge_cache: str | None,
+    lora_merge_dtype: str | None,
 ) -> None:
     """Score RECIPE_FILE's models and write or show the source map, merging nothing.
 
@@ -209,7 +221,13 @@ def plan_command(
             recipe = recipe.with_options(f"--scoring {scoring}", scoring=scoring)
         if output:
             check_output_file(output)
-        options = MergeOptions(cuda=cuda, device=device, quiet=quiet)
+        options = MergeOptions(
+            cuda=cuda,
+            device=device,
+            quiet=quiet,
+            lora_merge_cache=lora_merge_cache,
+            lora_merge_dtype=lora_merge_dtype,
+        )
         scorers = choose_workers(workers, ray_address)
         source_map = plan(recipe, options, quiet=quiet, workers=scorers)
     except NerMergeError as error:

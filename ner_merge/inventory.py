@@ -17,6 +17,7 @@ from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
 from ner_merge.errors import ModelError
+from ner_merge.lora import resolve_lora_model
 from ner_merge.models import ResolvedModel, resolve_model
 from ner_merge.names import parent
 from ner_merge.reader import DTYPES
@@ -79,10 +80,19 @@ def with_local_models(
     )
 
 
-def resolve_models(recipe: Recipe) -> list[ResolvedModel]:
-    """Resolve every candidate, read each one's index and headers up front, and
-    refuse one model given twice under two names."""
-    models = [resolve_model(reference) for reference in recipe.candidates()]
+def resolve_models(
+    recipe: Recipe, options: MergeOptions | None = None
+) -> list[ResolvedModel]:
+    """Resolve every candidate (a LoRA fine-tune merged as mergekit will, with
+    `options`), read each one's index and headers up front, and refuse one model
+    given twice under two names."""
+    options = options or MergeOptions()
+    models = [
+        resolve_lora_model(reference, options)
+        if reference.lora
+        else resolve_model(reference)
+        for reference in recipe.candidates()
+    ]
     _refuse_one_folder_twice(models, recipe.where)
     for model in models:  # fail now, naming the model, not mid-plan
         model.headers  # noqa: B018
@@ -90,9 +100,16 @@ def resolve_models(recipe: Recipe) -> list[ResolvedModel]:
     for index, first in enumerate(models):
         for second in models[index + 1 :]:
             if same_content(first, second):
+                adapters = [
+                    f" (adapter {model.adapter.path} changes no tensor of "
+                    f"{model.base.path})"
+                    for model in (first, second)
+                    if model.adapter is not None and model.base is not None
+                ]
                 raise ModelError(
                     f"{recipe.where}: models {first.name} and {second.name} hold "
                     "the same weights (every tensor identical); list each model once"
+                    + "".join(adapters)
                 )
     return models
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from mergekit.common import ModelReference
+from mergekit.common import ModelPath, ModelReference
 from mergekit.io.lazy_tensor_loader import ShardedTensorIndex
 from transformers import PretrainedConfig
 
@@ -49,12 +49,25 @@ class HubFile:
 
 
 @dataclass(frozen=True)
+class Adapter:
+    """The PEFT adapter of a LoRA fine-tune (`model: BASE+ADAPTER`), found on disk."""
+
+    name: str  # as the recipe gives it
+    path: str  # local folder holding it
+    revision: str | None  # Hub commit, None for a local folder
+    hash: str  # BLAKE3 over its files (`ner_merge.lora`)
+
+
+@dataclass(frozen=True)
 class ResolvedModel:
     """A recipe model found on disk."""
 
     name: str  # as the recipe gives it
     path: str  # local folder holding its weights
     revision: str | None  # Hub commit, None for a local folder
+    # A LoRA fine-tune: its base and adapter; `path` is mergekit's merge of them.
+    base: "ResolvedModel | None" = None
+    adapter: Adapter | None = None
 
     @cached_property
     def index(self) -> ShardedTensorIndex:
@@ -166,35 +179,40 @@ def read_safetensors_header(file_path: str) -> tuple[dict, int]:
 
 
 def resolve_model(reference: ModelReference) -> ResolvedModel:
-    """Find a recipe model locally or in the Hub cache (downloading if allowed)."""
+    """Find a recipe model locally or in the Hub cache (downloading if allowed).
+
+    A LoRA fine-tune (`BASE+ADAPTER`) is resolved by `ner_merge.lora` instead."""
     name = str(reference)
-    if reference.lora is not None:
-        raise ModelError(
-            f"model {name}: LoRA adapters are not supported; merge the adapter first"
-        )
-    path, revision = reference.model.path, reference.model.revision
+    path, revision = find_folder(f"model {name}", reference.model, HUB_FILE_PATTERNS)
+    if revision is not None and not has_safetensors_weights(path):
+        # the same commit's .bin files
+        pinned = ModelPath(path=reference.model.path, revision=revision)
+        path, _ = find_folder(f"model {name}", pinned, HUB_BIN_PATTERNS)
+    return ResolvedModel(name=name, path=path, revision=revision)
+
+
+def find_folder(
+    what: str, model: ModelPath, patterns: list[str]
+) -> tuple[str, str | None]:
+    """A local folder, else a Hub snapshot holding the files matching `patterns`:
+    (its folder, the Hub commit or None). `what` names it in errors."""
+    path, revision = model.path, model.revision
     if os.path.isdir(path):
-        return ResolvedModel(name=name, path=os.path.abspath(path), revision=None)
+        return os.path.abspath(path), None
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise ModelError(f"model {name}: no such folder {os.path.abspath(path)}")
+        raise ModelError(f"{what}: no such folder {os.path.abspath(path)}")
     import huggingface_hub  # only Hub ids need it
 
     try:
         local = huggingface_hub.snapshot_download(
-            path, revision=revision, allow_patterns=HUB_FILE_PATTERNS
+            path, revision=revision, allow_patterns=patterns
         )
-        if not has_safetensors_weights(local):  # the same commit's .bin files
-            local = huggingface_hub.snapshot_download(
-                path,
-                revision=os.path.basename(local),
-                allow_patterns=HUB_BIN_PATTERNS,
-            )
     except Exception as error:  # offline, missing repo, bad revision: all say why
         raise ModelError(
-            f"model {name}: not a local folder, and the Hub could not provide it "
+            f"{what}: not a local folder, and the Hub could not provide it "
             f"({type(error).__name__}: {error})"
         ) from None
-    return ResolvedModel(name=name, path=local, revision=os.path.basename(local))
+    return local, os.path.basename(local)
 
 
 def has_safetensors_weights(folder: str) -> bool:

@@ -27,6 +27,7 @@ from ner_merge.inventory import (
     output_tensors,
     resolve_models,
 )
+from ner_merge.lora import lora_merge_cache, lora_source
 from ner_merge.models import ResolvedModel
 from ner_merge.output import OutputFolder
 from ner_merge.planner import plan
@@ -105,7 +106,7 @@ def merge(
     check_device(merge_options)
     # $NER_MERGE_WORKERS or $NER_MERGE_RAY, checked before any model is read
     workers = None if recipe.options.source_map else choose_workers()
-    models = resolve_models(recipe)
+    models = resolve_models(recipe, merge_options)
     check_base_tokenizer(recipe, models[0].path, merge_options)
     output = OutputFolder(out_path, [model.path for model in models])
     with output.prepared():
@@ -140,8 +141,9 @@ def streaming_options(
     options: MergeOptions, models: list[ResolvedModel]
 ) -> MergeOptions:
     """mergekit's options for the merge itself: our model card replaces its own,
-    unless the user chose a shard size, shards hold about one largest tensor, and
-    `pytorch_model.bin` inputs are read lazily.
+    unless the user chose a shard size, shards hold about one largest tensor,
+    `pytorch_model.bin` inputs are read lazily, and LoRA fine-tunes have the
+    `lora_merge_cache` the plan merged them in (`ner_merge.lora`).
 
     mergekit's writer keeps a whole output shard in memory, 5 GB by default: all
     of a 0.5B model, a third of a 7B one. With shards the size of the largest
@@ -151,6 +153,9 @@ def streaming_options(
     closes its inputs after each tensor, again for every tensor.
     """
     updates: dict = {"write_model_card": False}
+    lora = [model.name for model in models if model.adapter is not None]
+    if lora and not options.lora_merge_cache:  # where the plan merged them
+        updates["lora_merge_cache"] = str(lora_merge_cache(options, lora[0]))
     if not all(model.index.is_safetensors for model in models):
         updates["lazy_unpickle"] = True
     if options.out_shard_size == MergeOptions.model_fields["out_shard_size"].default:
@@ -264,6 +269,7 @@ def paired_with_recipe(
                     "name": model.name,
                     "path": model.path,
                     "revision": model.revision,
+                    "lora": lora_source(model),
                 }
             )
         )

@@ -28,6 +28,7 @@ from ner_merge.inventory import (
     output_tensors,
     resolve_models,
 )
+from ner_merge.lora import lora_source
 from ner_merge.models import ResolvedModel
 from ner_merge.names import tensor_type
 from ner_merge.ner import BoundedScore
@@ -75,7 +76,7 @@ def plan(
     workers = workers or choose_workers()
     merge_options = merge_options or MergeOptions()
     check_device(merge_options)
-    models = models or resolve_models(recipe)
+    models = models or resolve_models(recipe, merge_options)
     config = localized_config(recipe, models)
     vocabulary = vocabulary_alignment(config, merge_options)
     tensors = output_tensors(config, models, merge_options, vocabulary)
@@ -144,6 +145,7 @@ def plan(
                 fingerprint=model.content.fingerprint,
                 role="base" if index == 0 else "fine-tuned",
                 exclude=recipe.exclusions[index] if recipe.exclusions else (),
+                lora=lora_source(model),
             )
             for index, model in enumerate(models)
         ),

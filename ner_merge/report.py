@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from ner_merge.grid import Row, margin, model_labels, short_labels, source_grid
 from ner_merge.names import parent
 from ner_merge.selection import RULES, unit_decisions
-from ner_merge.source_map import Follows, SourceMap, TensorChoice
+from ner_merge.source_map import Follows, LoraPart, SourceMap, TensorChoice
 
 # The report writers need the planner's rules, the recipe and the model card,
 # which import torch and mergekit; they are imported where used, so that
@@ -154,6 +154,26 @@ def totals(source_map: SourceMap) -> dict[str, tuple[int, int]]:
     return result
 
 
+def lora_lines(source_map: SourceMap) -> list[str]:
+    """For each LoRA fine-tune: its base and adapter, and the folder mergekit
+    merged them into (the one scored and merged from)."""
+    lines = [
+        f"- `{model.name}`: base `{model.lora.base.name}`{_found(model.lora.base)}, "
+        f"adapter `{model.lora.adapter.name}`{_found(model.lora.adapter)} (BLAKE3 "
+        f"{model.lora.adapter_hash[:16]}), merged by mergekit into `{model.path}`"
+        for model in source_map.models
+        if model.lora is not None
+    ]
+    return ["", "LoRA fine-tunes:", "", *lines] if lines else []
+
+
+def _found(part: LoraPart) -> str:
+    """Where a base or adapter was found, unless its name says it already."""
+    if part.revision:
+        return f" (commit {part.revision})"
+    return "" if part.path == part.name else f" (`{part.path}`)"
+
+
 def render_report(
     source_map: SourceMap, recipe: "Recipe", created: str, figure: str | None = None
 ) -> str:
@@ -184,6 +204,7 @@ def render_report(
             f"{model.revision or 'local'} | {count} | {count / tensor_count:.1%} | "
             f"{parameters:,} |"
         )
+    lines += lora_lines(source_map)
     lines += ["", "## How sources were chosen", "", RULES, ""]
     lines += [
         "Options: " + (str(source_map.options) if source_map.options else "defaults"),

@@ -42,6 +42,22 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class LoraPart(_Frozen):
+    """The base or the adapter of a LoRA fine-tune, as named and as found."""
+
+    name: str = Field(description="As the recipe gives it (either side of `+`).")
+    path: str = Field(description="The local folder it was read from.")
+    revision: str | None = Field(description="Hub commit; null for a folder.")
+
+
+class LoraSource(_Frozen):
+    """What a LoRA fine-tune (`model: BASE+ADAPTER`) was merged from."""
+
+    base: LoraPart
+    adapter: LoraPart
+    adapter_hash: str = Field(description="BLAKE3 over the adapter's files.")
+
+
 class ModelEntry(_Frozen):
     """One candidate model, as the recipe names it and as it was found."""
 
@@ -54,6 +70,12 @@ class ModelEntry(_Frozen):
     role: Role
     exclude: tuple[str, ...] = Field(
         default=(), description="The model's `exclude` patterns when planned."
+    )
+    lora: LoraSource | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="For a LoRA fine-tune: its base and adapter, which mergekit "
+        "merged into the folder `path`; absent for any other model.",
     )
 
 
