@@ -42,7 +42,6 @@ from ner_merge.evaluate import (
     check_model_folders,
     evaluate,
     evaluation_device,
-    plural,
     read_texts,
 )
 from ner_merge.interrupt import publishing
@@ -53,6 +52,7 @@ from ner_merge.output import OutputFolder
 from ner_merge.quiet import mergekit_notices_hidden
 from ner_merge.recipe import Recipe, candidate_models
 from ner_merge.scoring import check_device
+from ner_merge.words import plural
 
 LOG = logging.getLogger(__name__)
 

@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from ner_merge.demo import HELD_OUT_TEXTS, TEXTS
 from ner_merge.errors import EvaluationError
 from ner_merge.folders import model_folder_problem, tokenizer_problem
+from ner_merge.words import plural
 
 LOG = logging.getLogger(__name__)
 
@@ -229,11 +230,6 @@ def evaluation_device(device: str | None) -> str:
             f"({type(error).__name__}: {reason})"
         ) from None
     return device
-
-
-def plural(count: int, noun: str) -> str:
-    """`1 text`, `3 texts`: the count and the noun, agreeing."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _load(folder: str | Path, device: str, dtype: torch.dtype):
