@@ -19,7 +19,7 @@ import click
 
 from ner_merge import __version__
 from ner_merge.errors import NerMergeError
-from ner_merge.interrupt import interrupted
+from ner_merge.interrupt import end_on_interrupt, interrupted
 from ner_merge.threads import wait_passively
 
 wait_passively()  # before any command imports torch (see ner_merge.threads)
@@ -416,6 +416,7 @@ def compare_command(
         )
     except NerMergeError as error:
         raise click.ClickException(str(error)) from error
+    end_on_interrupt(0, f"ner-merge compare: {out_dir} is complete")
     click.echo(table.render())
 
 

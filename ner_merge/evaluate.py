@@ -23,7 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ner_merge.demo import HELD_OUT_TEXTS, TEXTS
-from ner_merge.errors import EvaluationError
+from ner_merge.errors import EvaluationError, torch_failure
 from ner_merge.folders import model_folder_problem, tokenizer_problem
 from ner_merge.words import plural
 
@@ -224,10 +224,9 @@ def evaluation_device(device: str | None) -> str:
     try:
         torch.ones(2, device=device).sum().item()
     except Exception as error:  # torch raises many kinds for a bad device
-        reason = next(iter(str(error).strip().splitlines()), "")  # first line only
         raise EvaluationError(
             f"--device {device}: torch cannot run a model there "
-            f"({type(error).__name__}: {reason})"
+            f"({torch_failure(error)})"
         ) from None
     return device
 
