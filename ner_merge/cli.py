@@ -19,6 +19,7 @@ import click
 
 from ner_merge import __version__
 from ner_merge.errors import NerMergeError
+from ner_merge.interrupt import end_on_interrupt, interrupted
 from ner_merge.threads import wait_passively
 
 wait_passively()  # before any command imports torch (see ner_merge.threads)
@@ -41,7 +42,100 @@ def _print_version(context: click.Context, _: click.Parameter, value: bool) -> N
     context.exit()
 
 
-@click.group()
+class _Commands(click.Group):
+    """The commands; Ctrl-C in any of them ends with one line saying what it
+    left, and exit code 130 (0 if its output was already published)."""
+
+    def invoke(self, context: click.Context):
+        try:
+            return super().invoke(context)
+        except KeyboardInterrupt as interrupt:
+            program = f"ner-merge {context.invoked_subcommand or ''}".rstrip()
+            raise SystemExit(interrupted(program, interrupt)) from None
+
+
+# One grammar for every command: these options mean the same everywhere, and the
+# output ones are taken before the command name too (`ner-merge -v compare`).
+def _note(context: click.Context, parameter: click.Parameter, value: bool) -> None:
+    """Keep a switch where every command sees it (the meta dictionary is shared by
+    the group's context and the command's), whichever side of the name it was."""
+    if value:
+        context.meta[f"ner_merge.{parameter.name}"] = True
+
+
+def output_options(command):
+    """-v/--verbose and --quiet, on the group and on every command."""
+    command = click.option(
+        "--quiet",
+        is_flag=True,
+        expose_value=False,
+        callback=_note,
+        help="No progress lines or bars: only results, warnings and errors.",
+    )(command)
+    return click.option(
+        "-v",
+        "--verbose",
+        is_flag=True,
+        expose_value=False,
+        callback=_note,
+        help="Log progress details, and show the progress bars of transformers "
+        "and mergekit.",
+    )(command)
+
+
+def device_options(command):
+    """--cuda and --device, as mergekit-yaml's, on every command that computes."""
+    command = click.option(
+        "--device",
+        metavar="DEVICE",
+        help="Run on this torch device: cpu, cuda, cuda:1, or auto (CUDA when "
+        "available); as mergekit-yaml's. Tried before any model is read.",
+    )(command)
+    return click.option(
+        "--cuda", is_flag=True, help="Short for --device cuda, as mergekit-yaml's."
+    )(command)
+
+
+def texts_option(command):
+    """-t, the texts `eval` and `compare` score."""
+    return click.option(
+        "-t",
+        "--text",
+        "texts",
+        multiple=True,
+        type=click.Path(dir_okay=False),
+        help="A text file to score every model on (repeatable). Default: the "
+        "demo's held-out texts (ner_merge/demo/texts/heldout_*.txt).",
+    )(command)
+
+
+def verbosity(context: click.Context) -> tuple[bool, bool]:
+    """(verbose, quiet), as given on either side of the command's name; sets
+    the log level."""
+    verbose = context.meta.get("ner_merge.verbose", False)
+    quiet = context.meta.get("ner_merge.quiet", False)
+    if verbose and quiet:
+        raise click.UsageError("-v and --quiet: choose one")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
+    return verbose, quiet
+
+
+def quiet_transformers(verbose: bool) -> None:
+    """No transformers progress bars ("Loading weights", "Writing model shards":
+    one per model loaded or saved) unless -v asked for detail."""
+    if not verbose:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+
+
+def chosen_device(cuda: bool, device: str | None) -> str | None:
+    """--device, else `cuda` for --cuda, else None (the command's default): the
+    rule of mergekit's options, where --device wins."""
+    return device or ("cuda" if cuda else None)
+
+
+@click.group(cls=_Commands)
 @click.option(
     "--version",
     is_flag=True,
@@ -50,36 +144,16 @@ def _print_version(context: click.Context, _: click.Parameter, value: bool) -> N
     callback=_print_version,
     help="Show the ner-merge and mergekit versions and exit.",
 )
-@click.option(
-    "-v",
-    "--verbose",
-    is_flag=True,
-    help="Log progress details, and show the progress bars of transformers "
-    "and mergekit.",
-)
-@click.pass_context
-def main(context: click.Context, verbose: bool) -> None:
+@output_options
+def main() -> None:
     """Normalized-Effective-Rank layer selection for mergekit.
 
     Merging is done by mergekit itself: `mergekit-yaml RECIPE OUT` with a recipe
     that says `merge_method: ner`. These commands plan a merge without running
     it, show a plan, and measure the result.
+
+    -v/--verbose and --quiet are taken before or after the command's name.
     """
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
-    context.obj = {"verbose": verbose}
-
-
-def _verbose(context: click.Context) -> bool:
-    return context.find_root().obj["verbose"]
-
-
-def _quiet_transformers(context: click.Context) -> None:
-    """No transformers progress bars ("Loading weights", "Writing model shards":
-    one per model loaded or saved) unless -v asked for detail."""
-    if not _verbose(context):
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()
 
 
 def check_output_file(path: str) -> None:
@@ -145,12 +219,7 @@ def save_map(source_map: "SourceMap", path: str) -> None:
 @click.option(
     "--show", is_flag=True, help="Print each layer's sources and score margins."
 )
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-@click.option("--cuda", is_flag=True, help="Score on the GPU (as mergekit-yaml's).")
-@click.option(
-    "--device",
-    help="Score on this torch device, e.g. cuda:1 or auto (as mergekit-yaml's).",
-)
+@device_options
 @click.option(
     "--scoring",
     type=click.Choice(["auto", "fast", "exact"]),
@@ -183,11 +252,13 @@ def save_map(source_map: "SourceMap", path: str) -> None:
     "--lora-merge-dtype",
     help="The dtype LoRA adapters are merged in, as mergekit-yaml's.",
 )
+@output_options
+@click.pass_context
 def plan_command(
+    context: click.Context,
     recipe_file: str,
     output: str | None,
     show: bool,
-    quiet: bool,
     cuda: bool,
     device: str | None,
     scoring: str | None,
@@ -200,8 +271,10 @@ def plan_command(
     """Score RECIPE_FILE's models and write or show the source map, merging nothing.
 
     To merge, run `mergekit-yaml RECIPE_FILE OUT`, adding
-    `parameters: {source_map: FILE}` to use a saved (or edited) map.
+    `parameters: {source_map: FILE}` to use a saved (or edited) map. Scores on
+    the CPU unless --device or --cuda says otherwise.
     """
+    _, quiet = verbosity(context)
     if not output and not show:
         raise click.UsageError("give -o FILE to write the map, --show to print it")
     if exact and scoring not in (None, "exact"):
@@ -244,9 +317,12 @@ def plan_command(
 
 @main.command("show")
 @click.argument("map_file", type=click.Path())
-def show_command(map_file: str) -> None:
+@output_options
+@click.pass_context
+def show_command(context: click.Context, map_file: str) -> None:
     """Print a source map: a file from `plan -o`, or a merge's output folder
     (its ner_source_map.json)."""
+    verbosity(context)
     from ner_merge.report import plan_table
     from ner_merge.source_map import SOURCE_MAP_FILE, SourceMap
 
@@ -268,45 +344,39 @@ def show_command(map_file: str) -> None:
 @click.argument(
     "models", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True)
 )
-@click.option(
-    "-t",
-    "--text",
-    "texts",
-    multiple=True,
-    type=click.Path(dir_okay=False, exists=True),
-    help="A text file to score (repeatable). Default: the demo's held-out texts.",
-)
+@texts_option
 @click.option(
     "--window",
     type=click.IntRange(min=2),
     help="Tokens per window. Default: each model's max_position_embeddings "
     "(capped for long-context models).",
 )
-@click.option(
-    "--device",
-    type=click.Choice(["cpu", "cuda"]),
-    help="Default: cuda when available.",
-)
-@click.option("--quiet", is_flag=True, help="No progress line per model.")
+@device_options
+@output_options
+@click.pass_context
 def eval_command(
+    context: click.Context,
     models: tuple[str, ...],
     texts: tuple[str, ...],
     window: int | None,
+    cuda: bool,
     device: str | None,
-    quiet: bool,
 ) -> None:
     """Perplexity of each model folder in MODELS on held-out texts, as a table.
 
-    A line per model goes to stderr as it starts; the table goes to stdout.
+    A line per model goes to stderr as it starts; the table goes to stdout. Runs
+    on CUDA when available unless --device or --cuda says otherwise.
     """
     from transformers.utils import logging as transformers_logging
 
     from ner_merge.evaluate import DEMO_TEXTS, evaluate
 
+    _, quiet = verbosity(context)
     transformers_logging.disable_progress_bar()  # a bar per model buries the table
     progress = None if quiet else lambda line: click.echo(line, err=True)
     try:
-        table = evaluate(models, texts or DEMO_TEXTS, device, window, progress)
+        where = chosen_device(cuda, device)
+        table = evaluate(models, texts or DEMO_TEXTS, where, window, progress)
     except NerMergeError as error:
         raise click.ClickException(str(error)) from error
     click.echo(table.render())
@@ -322,15 +392,7 @@ def eval_command(
     help="Also merge a plain average of the same models (mergekit's linear, "
     "equal weights), as DIR/linear.",
 )
-@click.option(
-    "-t",
-    "--text",
-    "texts",
-    multiple=True,
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="A text file to score every model on (repeatable).",
-)
+@texts_option
 @click.option(
     "-o",
     "--output",
@@ -341,6 +403,8 @@ def eval_command(
     help="The folder for the merges and the table (replaced whole, and only "
     "if a comparison wrote it).",
 )
+@device_options
+@output_options
 @click.pass_context
 def compare_command(
     context: click.Context,
@@ -348,39 +412,58 @@ def compare_command(
     linear: bool,
     texts: tuple[str, ...],
     out_dir: str,
+    cuda: bool,
+    device: str | None,
 ) -> None:
     """Which recipe wins? Merge each RECIPE_FILE (NER recipes of the same models,
     other options) into DIR/NAME, with --linear also their plain average; score
     every merge and input model on every text; print the table and write it into
     DIR (compare.md, compare.json, compare.png).
 
-    A line per step goes to stderr as it runs; the table goes to stdout.
+    A line per step goes to stderr as it runs; the table goes to stdout. Merges
+    on the CPU and scores on CUDA when available, unless --device or --cuda
+    says where to do both.
     """
     from ner_merge.compare import compare
+    from ner_merge.evaluate import DEMO_TEXTS
 
-    _quiet_transformers(context)
+    verbose, quiet = verbosity(context)
+    quiet_transformers(verbose)
     try:
-        table = compare(recipe_files, texts, out_dir, linear, verbose=_verbose(context))
+        table = compare(
+            recipe_files,
+            texts or DEMO_TEXTS,
+            out_dir,
+            linear,
+            verbose=verbose,
+            quiet=quiet,
+            device=chosen_device(cuda, device),
+        )
     except NerMergeError as error:
         raise click.ClickException(str(error)) from error
+    end_on_interrupt(0, f"ner-merge compare: {out_dir} is complete")
     click.echo(table.render())
 
 
 @main.command("demo")
 @click.argument("out_dir", type=click.Path(file_okay=False))
+@output_options
 @click.pass_context
 def demo_command(context: click.Context, out_dir: str) -> None:
-    """Train the demo trio (tiny Qwen2 base + two fine-tunes) into OUT_DIR."""
+    """Train the demo trio (tiny Qwen2 base + two fine-tunes) into OUT_DIR, on
+    one CPU thread, and say how each model trained (--quiet: nothing)."""
     from ner_merge.demo import build
 
-    _quiet_transformers(context)
-    build(Path(out_dir), click.echo)
+    verbose, quiet = verbosity(context)
+    quiet_transformers(verbose)
+    build(Path(out_dir), (lambda _: None) if quiet else click.echo)
 
 
 @main.command("generate")
 @click.argument("model_dir", type=click.Path(file_okay=False, exists=True))
 @click.argument("prompt")
 @click.option("--tokens", default=40, show_default=True, help="Tokens to generate.")
+@output_options
 @click.pass_context
 def generate_command(
     context: click.Context, model_dir: str, prompt: str, tokens: int
@@ -388,5 +471,6 @@ def generate_command(
     """Greedy sample from a model folder: a quick look at a merge's output."""
     from ner_merge.demo import generate
 
-    _quiet_transformers(context)
+    verbose, _ = verbosity(context)
+    quiet_transformers(verbose)
     click.echo(f"{model_dir}: {generate(model_dir, prompt, tokens)!r}")

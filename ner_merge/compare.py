@@ -44,12 +44,15 @@ from ner_merge.evaluate import (
     evaluation_device,
     read_texts,
 )
+from ner_merge.interrupt import publishing
 from ner_merge.inventory import resolve_models, with_local_models
 from ner_merge.method import register
 from ner_merge.models import ResolvedModel
 from ner_merge.output import OutputFolder
 from ner_merge.quiet import mergekit_notices_hidden
 from ner_merge.recipe import Recipe, candidate_models
+from ner_merge.scoring import check_device
+from ner_merge.words import plural
 
 LOG = logging.getLogger(__name__)
 
@@ -71,15 +74,19 @@ class Merge:
 
 class Progress:
     """A line per step on stderr: its number, kind and subject as it starts,
-    its seconds when it ends. Quiet, the time ends the same line; verbose, the
-    steps' own output comes between, so the time gets a line of its own."""
+    its seconds when it ends. By default the time ends the same line; verbose,
+    the steps' own output comes between, so the time gets a line of its own;
+    quiet, no line at all."""
 
-    def __init__(self, steps: int, verbose: bool) -> None:
-        self.steps, self.verbose, self.done = steps, verbose, 0
+    def __init__(self, steps: int, verbose: bool, quiet: bool = False) -> None:
+        self.steps, self.verbose, self.quiet, self.done = steps, verbose, quiet, 0
 
     @contextmanager
     def step(self, kind: str, subject: str) -> Iterator[None]:
         self.done += 1
+        if self.quiet:
+            yield
+            return
         line = f"[{self.done}/{self.steps}] {kind:<5} {subject}"
         click.echo(line + ("" if self.verbose else " ..."), nl=self.verbose, err=True)
         start = time.perf_counter()
@@ -99,11 +106,15 @@ def compare(
     out_dir: str,
     linear: bool = False,
     verbose: bool = False,
+    quiet: bool = False,
+    device: str | None = None,
 ) -> PerplexityTable:
     """Merge each recipe (and the plain average, if `linear`) into `out_dir`,
-    score the inputs and merges on `texts` (on CUDA when available, as `ner-merge
-    eval`), write the table; returns it. `verbose`: mergekit's and the planner's
-    progress bars too."""
+    score the inputs and merges on `texts`, write the table; returns it.
+    `verbose`: mergekit's and the planner's progress bars too; `quiet`: no line
+    per step. `device`: where to merge and score (as mergekit's --device);
+    by default merges run on the CPU and scoring on CUDA when available, as
+    `ner-merge eval`'s."""
     started = time.perf_counter()
     merges = _recipe_merges(recipe_files, linear)
     models = _same_models([merge.recipe for merge in merges])
@@ -113,13 +124,19 @@ def compare(
     inputs = [model.path for model in models]
     check_model_folders(inputs)
     read_texts(texts, inputs)
-    device = evaluation_device(None)
-    options = MergeOptions(quiet=not verbose)
+    options = MergeOptions(quiet=not verbose, device=device)
+    check_device(options)  # before any work: the merges run there
+    device = evaluation_device(device)
     labels = [model.name for model in models] + [merge.label for merge in merges]
     merge_steps = sum(2 if merge.recipe else 1 for merge in merges)
-    progress = Progress(merge_steps + len(labels), verbose)
+    progress = Progress(merge_steps + len(labels), verbose, quiet)
     output = OutputFolder(out_dir, inputs, role="-o")
-    with output.prepared(), output.staged() as staging:
+    with (
+        publishing(out_dir) as published_if,
+        output.prepared(),
+        output.staged() as staging,
+    ):
+        published_if(staging)
         for merge in merges:
             _merge(merge, staging / merge.name, models, options, progress)
         folders = inputs + [str(staging / merge.name) for merge in merges]
@@ -135,7 +152,8 @@ def compare(
         )
         _write_table(staging, table, len(models), merges, texts)
     click.echo(
-        f"compare: {len(merges)} merges, {len(labels)} models x {len(texts)} texts "
+        f"compare: {plural(len(merges), 'merge')}, {plural(len(labels), 'model')} "
+        f"x {plural(len(texts), 'text')} "
         f"in {time.perf_counter() - started:.1f} s; table in "
         f"{os.path.join(out_dir, TABLE_FILE)}",
         err=True,
@@ -224,7 +242,7 @@ def _merge(
             lambda kind: progress.step(kind, merge.label),
         )
         return
-    with progress.step("merge", merge.label), mergekit_notices_hidden(options.quiet):
+    with progress.step("merge", merge.label), mergekit_notices_hidden():
         run_merge(
             with_local_models(merge.config, models),
             str(out),

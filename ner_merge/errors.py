@@ -27,3 +27,10 @@ class OutputError(NerMergeError):
 
 class CompareError(NerMergeError):
     """Recipes given to `ner-merge compare` cannot be compared with each other."""
+
+
+def torch_failure(error: Exception) -> str:
+    """What went wrong in torch, in one line: its exception's kind and first
+    line (torch raises many kinds, some with pages of text, for a bad device)."""
+    reason = next(iter(str(error).strip().splitlines()), "")
+    return f"{type(error).__name__}: {reason}"

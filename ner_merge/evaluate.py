@@ -23,8 +23,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ner_merge.demo import HELD_OUT_TEXTS, TEXTS
-from ner_merge.errors import EvaluationError
+from ner_merge.errors import EvaluationError, torch_failure
 from ner_merge.folders import model_folder_problem, tokenizer_problem
+from ner_merge.words import plural
 
 LOG = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class PerplexityTable:
             max(len(line[i]) for line in [header, *rows]) for i in range(len(header))
         ]
         lines = [
-            f"Perplexity on {len(self.texts)} text(s), lower is better; "
+            f"Perplexity on {plural(len(self.texts), 'text')}, lower is better; "
             f"* = best per text ({self.device})"
         ]
         for line in [header, *rows]:
@@ -176,15 +177,16 @@ def evaluate(
 ) -> PerplexityTable:
     """Perplexity of each model folder on each text file.
 
-    device: "cpu" or "cuda"; by default CUDA when available. window: tokens per
-    window, at most each model's `max_position_embeddings`; by default that, up
-    to MAX_WINDOW. progress: called with one line as each model starts, since a
-    7B model takes minutes.
+    device: a torch device (`cpu`, `cuda:1`...); by default CUDA when available.
+    window: tokens per window, at most each model's `max_position_embeddings`;
+    by default that, up to MAX_WINDOW. progress: called with one line as each
+    model starts, since a 7B model takes minutes.
     """
     check_model_folders(models)
     device = evaluation_device(device)
     contents = read_texts(texts, models)
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    on_cpu = torch.device(device).type == "cpu"
+    dtype = torch.float32 if on_cpu else torch.bfloat16
     values = []
     for number, folder in enumerate(models, 1):
         if progress:
@@ -204,7 +206,7 @@ def evaluate(
                 LOG.info("%s on %s: perplexity %.3f", folder, text, row[-1])
         values.append(tuple(row))
         del model
-        if device == "cuda":
+        if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
     return PerplexityTable(
         models=tuple(str(m) for m in models),
@@ -215,10 +217,18 @@ def evaluate(
 
 
 def evaluation_device(device: str | None) -> str:
-    """The device asked for ("cpu" or "cuda"), else CUDA when available."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise EvaluationError("device cuda asked for, but torch sees no CUDA device")
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """The torch device asked for, tried with a small tensor; by default (or
+    `auto`, as mergekit's) CUDA when available, else the CPU."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.ones(2, device=device).sum().item()
+    except Exception as error:  # torch raises many kinds for a bad device
+        raise EvaluationError(
+            f"--device {device}: torch cannot run a model there "
+            f"({torch_failure(error)})"
+        ) from None
+    return device
 
 
 def _load(folder: str | Path, device: str, dtype: torch.dtype):

@@ -12,8 +12,9 @@ it, and `ner_merge.report` then skips the figure. The figure is drawn on the Agg
 canvas directly, without pyplot, so no GUI backend or global state is involved,
 and it is saved without the `Software` metadata: the same map gives the same bytes.
 
-The comparison's figure: a group of bars per text, a bar per model (inputs,
-then merges), its height the perplexity; `*` above the best of each text.
+The comparison's figure: a panel per text, a bar per model (inputs, then
+merges) with its perplexity printed on it, `*` on the best; each panel's axis
+starts just below its smallest value, so that differences of a few percent show.
 """
 
 import math
@@ -27,6 +28,7 @@ from matplotlib.patches import Patch
 
 from ner_merge.grid import SourceGrid, model_labels, short_labels, source_grid
 from ner_merge.source_map import SourceMap
+from ner_merge.words import plural
 
 if TYPE_CHECKING:  # the table's module imports torch and transformers
     from ner_merge.evaluate import PerplexityTable
@@ -142,30 +144,53 @@ def write_figure(source_map: SourceMap, path: Path) -> None:
 
 
 def draw_comparison(table: "PerplexityTable") -> Figure:
-    """Grouped bars: per text (x), each model's perplexity, in table order."""
+    """A panel per text, a bar per model (table order, a colour each), its value
+    printed on it and `*` on the best. Each panel's axis starts just below its
+    smallest value: perplexities of close merges differ by a few percent, which
+    bars from 0 would hide."""
     count = len(table.models)
-    width = 0.8 / count  # of a text's group, which is 1 wide
     figure = Figure(
-        figsize=(max(8.0, 3.0 + len(table.texts) * (0.3 * count + 0.5)), 4.5),
+        figsize=(max(8.0, 2.5 + len(table.texts) * (0.55 * count + 0.6)), 4.5),
         dpi=DPI,
         layout="constrained",
     )
     FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    for index, (model, row) in enumerate(zip(table.models, table.values)):
-        offset = (index - (count - 1) / 2) * width
-        positions = [column + offset for column in range(len(row))]
-        axes.bar(positions, row, width, label=model, color=model_colour(index))
-        for position, value, best in zip(positions, row, table.best()):
-            if value == best:
-                axes.annotate("*", (position, value), ha="center", va="bottom")
-    axes.set_xticks(range(len(table.texts)), table.texts)
-    axes.set_ylabel("perplexity")
-    axes.set_title(
-        f"Perplexity on each text, lower is better; * = best ({table.device})"
+    panels = figure.subplots(1, len(table.texts), squeeze=False)[0]
+    best = table.best()
+    for column, (axes, text) in enumerate(zip(panels, table.texts)):
+        values = [row[column] for row in table.values]
+        low, high = _value_range(values)
+        bars = axes.bar(
+            range(count),
+            [value - low for value in values],
+            bottom=low,
+            color=[model_colour(index) for index in range(count)],
+            label=list(table.models),
+        )
+        labels = [
+            f"{value:.2f}{'*' if value == best[column] else ''}" for value in values
+        ]
+        axes.bar_label(bars, labels, fontsize=7, rotation=90, padding=2)
+        axes.set_ylim(low, high)
+        axes.set_xticks([])
+        axes.set_title(text, fontsize=9)
+        axes.tick_params(labelsize=7)
+    panels[0].set_ylabel("perplexity (axis not from 0)")
+    figure.suptitle(
+        f"Perplexity on {plural(len(table.texts), 'text')}, lower is better; "
+        f"* = best ({table.device})"
     )
-    figure.legend(loc="outside right upper", fontsize=8)
+    handles, labels = panels[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside right upper", fontsize=8)
     return figure
+
+
+def _value_range(values: list[float]) -> tuple[float, float]:
+    """A panel's axis: from a little below the smallest value (never below 0)
+    to room above the largest for its printed value."""
+    low, high = min(values), max(values)
+    spread = high - low or abs(high) * 0.05 or 1.0
+    return max(0.0, low - 0.5 * spread), high + 0.6 * spread
 
 
 def write_comparison_figure(table: "PerplexityTable", path: Path) -> None:

@@ -119,14 +119,29 @@ def _is_ner_merge(argv: list[str]) -> bool:
     return False
 
 
+def _interrupted_while_starting(kind, value, traceback) -> None:
+    """sys.excepthook of `ner-merge` and NER merges: Ctrl-C while Python starts
+    (mergekit and torch take seconds to import) is one line, not a traceback of
+    the imports; every other exception is shown as before. Python then exits as
+    a process ended by Ctrl-C does."""
+    if not issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, traceback)
+        return
+    program = os.path.basename(sys.argv[0])
+    print(f"\n{program}: interrupted; nothing was written", file=sys.stderr)
+
+
 def install() -> None:
     """Add the finder once; modules already imported are handled at once."""
     if os.environ.get(DISABLE_VARIABLE) == "1":
         return
-    if _is_ner_merge(sys.argv):
+    argv = getattr(sys, "argv", [])  # absent in an embedded interpreter
+    if _is_ner_merge(argv):
         from ner_merge.threads import wait_passively
 
         wait_passively()
+    if _is_ner_merge(argv) or argv[:1] and os.path.basename(argv[0]) == "ner-merge":
+        sys.excepthook = _interrupted_while_starting
     if any(isinstance(finder, _AfterImportFinder) for finder in sys.meta_path):
         return
     sys.meta_path.insert(0, _AfterImportFinder())

@@ -21,6 +21,7 @@ from mergekit.options import MergeOptions
 from ner_merge.card import write_model_card
 from ner_merge.errors import NerMergeError, SourceMapError
 from ner_merge.folders import check_base_tokenizer
+from ner_merge.interrupt import INTERRUPTED, end_on_interrupt, interrupted, publishing
 from ner_merge.inventory import (
     OutputTensor,
     localized_config,
@@ -32,8 +33,8 @@ from ner_merge.models import ResolvedModel
 from ner_merge.output import OutputFolder
 from ner_merge.planner import plan
 from ner_merge.quiet import mergekit_notices_hidden
-from ner_merge.recipe import METHOD_NAME, Recipe
-from ner_merge.report import write_report
+from ner_merge.recipe import METHOD_NAME, Recipe, misspelt_method
+from ner_merge.report import FIGURE_FILE, REPORT_FILE, decision_counts, write_report
 from ner_merge.scoring import (
     NERD_SCORING,
     SPEC_SCORING,
@@ -74,21 +75,49 @@ def with_ner_planning(run_merge: Callable) -> Callable:
         options: MergeOptions,
         config_source: str | None = None,
     ):
+        context = click.get_current_context(silent=True)
+        where = (context.params.get("config_file") if context else None) or "recipe"
         if merge_config.merge_method != METHOD_NAME:
+            slip = misspelt_method(merge_config.merge_method, where)
+            if slip and context is not None:
+                raise click.ClickException(slip)
             return run_merge(
                 merge_config, out_path, options, config_source=config_source
             )
-        context = click.get_current_context(silent=True)
-        where = (context.params.get("config_file") if context else None) or "recipe"
         try:
             recipe = Recipe.from_config(merge_config, where=where, source=config_source)
-            return merge(recipe, out_path, options, config_source, run_merge)
+            source_map = merge(recipe, out_path, options, config_source, run_merge)
         except NerMergeError as error:
             if context is None:
                 raise
             raise click.ClickException(str(error)) from error
+        except KeyboardInterrupt as interrupt:
+            if context is None:
+                raise
+            if interrupted("mergekit-yaml", interrupt):
+                raise SystemExit(INTERRUPTED) from None
+            source_map = SourceMap.load(Path(out_path) / SOURCE_MAP_FILE)
+        click.echo(merged_summary(out_path, source_map))
+        end_on_interrupt(0, f"mergekit-yaml: {out_path} is complete")
+        return source_map
 
     return run_merge_with_ner
+
+
+def merged_summary(out_path: str, source_map: SourceMap) -> str:
+    """The last lines of a merge: where its map, report and figure are, and how
+    many decisions the map holds."""
+    folder = Path(out_path)
+    decisions, refined = decision_counts(source_map)
+    lines = [
+        f"NER merge written to {out_path}: {len(source_map.tensors)} tensors, "
+        f"{decisions} decisions ({refined} near ties refined in float64)",
+        f"  report: {folder / REPORT_FILE}",
+    ]
+    if (folder / FIGURE_FILE).exists():  # not without the `report` extra
+        lines.append(f"  figure: {folder / FIGURE_FILE}")
+    lines.append(f"  map:    {folder / SOURCE_MAP_FILE}")
+    return "\n".join(lines)
 
 
 def merge(
@@ -109,7 +138,7 @@ def merge(
     models = resolve_models(recipe, merge_options)
     check_base_tokenizer(recipe, models[0].path, merge_options)
     output = OutputFolder(out_path, [model.path for model in models])
-    with output.prepared():
+    with publishing(out_path) as published_if, output.prepared():
         with step("plan"):
             if recipe.options.source_map:
                 source_map = checked_source_map(recipe, models, merge_options)
@@ -117,12 +146,13 @@ def merge(
                 source_map = plan(recipe, merge_options, models=models, workers=workers)
         config_source = config_source or recipe.config.to_yaml()
         with step("merge"), output.staged() as staging:
+            published_if(staging)
             map_path = staging / SOURCE_MAP_FILE
             source_map.save(map_path)
             config = localized_config(recipe, models)
             parameters = dict(config.parameters or {}, source_map=str(map_path))
             try:
-                with mergekit_notices_hidden(merge_options.quiet):
+                with mergekit_notices_hidden():
                     run_merge(
                         config.model_copy(update={"parameters": parameters}),
                         str(staging),

@@ -1,12 +1,12 @@
-"""What a quiet merge leaves out: notices about mergekit's own code, which its
-user cannot act on.
+"""What our runs leave out: notices about mergekit's own code, which its user
+cannot act on.
 
 mergekit 0.1.5 sets `torch_dtype` on the output model's configuration
 (`mergekit/merge.py`, `_model_out_config`), which transformers 5 deprecates in
 favour of `dtype`: every merge prints "`torch_dtype` is deprecated!", naming
-nothing of the user's. Under mergekit's `--quiet` ("suppress ... non-essential
-output") that one notice is dropped; every other warning and error still shows,
-and without `--quiet` nothing is dropped.
+nothing of the user's. In an NER merge (and `ner-merge compare`'s plain average)
+that one notice is dropped; every other warning and error still shows. Other
+recipes, which are mergekit's alone, keep it.
 """
 
 import logging
@@ -23,11 +23,8 @@ class _WithoutMergekitNotices(logging.Filter):
 
 
 @contextmanager
-def mergekit_notices_hidden(quiet: bool) -> Iterator[None]:
-    """Within the block, drop mergekit's deprecation notice if `quiet`."""
-    if not quiet:
-        yield
-        return
+def mergekit_notices_hidden() -> Iterator[None]:
+    """Within the block, drop mergekit's deprecation notice."""
     logger, notices = logging.getLogger(NOTICE_LOGGER), _WithoutMergekitNotices()
     logger.addFilter(notices)
     try:

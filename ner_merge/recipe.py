@@ -200,9 +200,53 @@ def _require_ner_method(method: object, where: str) -> None:
     """Anything but `merge_method: ner` is mergekit's business, not ours."""
     if method != METHOD_NAME:
         raise RecipeError(
-            f"{where}: merge_method is {method!r}; "
+            misspelt_method(method, where)
+            or f"{where}: merge_method is {method!r}; "
             f"ner-merge handles merge_method: {METHOD_NAME}"
         )
+
+
+def misspelt_method(method: object, where: str) -> str | None:
+    """The refusal of a `merge_method` that reads as a slip for `ner`, or None.
+
+    A slip is `ner` in other letter case, or with one letter added, dropped,
+    changed or swapped with its neighbour (`nerr`, `ne`, `nre`), and not the
+    name of a method mergekit knows. Any other name is left to mergekit, whose
+    error for it is the right one: a typo of `linear` is not ours to explain.
+    """
+    if not isinstance(method, str) or method == METHOD_NAME:
+        return None
+    if _edits_apart(method.strip().lower(), METHOD_NAME) > 1:
+        return None
+    from mergekit.merge_methods import registered_methods
+
+    if method in {known.spec.name for known in registered_methods()}:
+        return None
+    nerd = " (for the reference tool NERD's way, add compat: nerd under parameters)"
+    return (
+        f"{where}: merge_method: {method!r} is not a merge method; "
+        f"did you mean {METHOD_NAME}?" + (nerd if method.lower() == "nerd" else "")
+    )
+
+
+def _edits_apart(one: str, other: str) -> int:
+    """Letters added, dropped, changed or swapped with a neighbour to turn one
+    string into the other (optimal string alignment distance)."""
+    rows = [list(range(len(other) + 1))]
+    for i, letter in enumerate(one, 1):
+        row = [i]
+        for j, theirs in enumerate(other, 1):
+            row.append(
+                min(
+                    rows[-1][j] + 1,
+                    row[j - 1] + 1,
+                    rows[-1][j - 1] + (letter != theirs),
+                )
+            )
+            if i > 1 and j > 1 and letter == other[j - 2] and one[i - 2] == theirs:
+                row[j] = min(row[j], rows[-2][j - 2] + 1)
+        rows.append(row)
+    return rows[-1][-1]
 
 
 def _mapping_or_none(source: str | None) -> Mapping[str, Any] | None:

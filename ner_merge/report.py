@@ -53,20 +53,27 @@ def _rule_text(choice: TensorChoice) -> str:
     return text
 
 
+def decision_counts(source_map: SourceMap) -> tuple[int, int]:
+    """The decisions (a scored tensor or unit choosing its source), and how many
+    of them were near ties refined in float64."""
+    decisions = {c.unit or n for n, c in source_map.tensors.items() if c.scores}
+    refined = {c.unit or n for n, c in source_map.tensors.items() if c.refined}
+    return len(decisions), len(refined)
+
+
 def scoring_summary(source_map: SourceMap) -> str:
     """How the decisions were scored: the route and why it was taken, how many
     decisions the float32 bounds settled, and how many near ties needed float64
     scores."""
-    decisions = {c.unit or n for n, c in source_map.tensors.items() if c.scores}
-    refined = {c.unit or n for n, c in source_map.tensors.items() if c.refined}
+    decisions, refined = decision_counts(source_map)
     scores = [s for c in source_map.tensors.values() for s in c.scores]
     route = source_map.route
     head = f"route {route.scoring} ({route.reason}); " if route else ""
     if source_map.options.get("compat") == "nerd":
-        return f"{head}decisions: {len(decisions)}; scores: {len(scores)}, NERD's rule"
+        return f"{head}decisions: {decisions}; scores: {len(scores)}, NERD's rule"
     bounded = sum(len(c.bounds) for c in source_map.tensors.values())
     return (
-        f"{head}decisions: {len(decisions)}, of which {len(refined)} near ties "
+        f"{head}decisions: {decisions}, of which {refined} near ties "
         f"refined in float64; scores: {len(scores)}, {bounded} float32 with bounds, "
         f"{len(scores) - bounded} exact"
     )

@@ -28,7 +28,7 @@ from mergekit.options import MergeOptions
 
 from ner_merge.cache import ScoreCache
 from ner_merge.content import TensorDigest, digest
-from ner_merge.errors import ModelError, NerMergeError
+from ner_merge.errors import ModelError, NerMergeError, torch_failure
 from ner_merge.inventory import OutputTensor
 from ner_merge.models import HubFile, ResolvedModel
 from ner_merge.ner import (
@@ -70,10 +70,8 @@ def check_device(merge_options: MergeOptions) -> None:
         fast_score(torch.eye(4, 2), device)
         normalized_effective_rank(torch.eye(4, 2), device)
     except Exception as error:  # torch raises many kinds for a bad device
-        reason = next(iter(str(error).strip().splitlines()), "")  # first line only
         raise NerMergeError(
-            f"{option}: torch cannot score on this device "
-            f"({type(error).__name__}: {reason})"
+            f"{option}: torch cannot score on this device ({torch_failure(error)})"
         ) from None
 
 

@@ -114,19 +114,22 @@ class Selection:
         return cls.from_options(options, exclusions)
 
     def check_patterns(self, tensors: list[str], models: list[str], where: str):
-        """Every pattern must match some tensor: one that matches none is a typo."""
+        """Every pattern must match some tensor: one that matches none is a typo.
+        Every such pattern is named at once, a line each."""
         options = [("parameters.keep_base", self.keep_base)] + [
             (f"parameters.exclude of model {model}", patterns)
             for model, patterns in zip(models, self.exclusions)
         ]
-        for option, patterns in options:
-            for pattern in patterns:
-                if not any(fnmatchcase(name, pattern) for name in tensors):
-                    raise RecipeError(
-                        f"{where}: {option}: pattern {pattern!r} matches no tensor "
-                        f"of these models (their names run from {tensors[0]} to "
-                        f"{tensors[-1]})"
-                    )
+        problems = [
+            f"{where}: {option}: pattern {pattern!r} matches no tensor of these "
+            f"models (their names run from {tensors[0]} to {tensors[-1]})"
+            + _whole_name_hint(pattern, tensors)
+            for option, patterns in options
+            for pattern in patterns
+            if not any(fnmatchcase(name, pattern) for name in tensors)
+        ]
+        if problems:
+            raise RecipeError("\n".join(problems))
 
     def kept(self, name: str) -> bool:
         return any(fnmatchcase(name, pattern) for pattern in self.keep_base)
@@ -138,6 +141,15 @@ class Selection:
             index == 0 or not any(fnmatchcase(name, p) for p in patterns[index])
             for index in range(count)
         )
+
+
+def _whole_name_hint(pattern: str, tensors: list[str]) -> str:
+    """A pattern written as part of a name (`lm_head`) matches nothing, since a
+    glob matches whole names: suggest the glob that would match."""
+    wider = f"*{pattern.strip('*')}*"
+    if any(fnmatchcase(name, wider) for name in tensors):
+        return f"; did you mean {wider!r}? A pattern matches whole names"
+    return ""
 
 
 @dataclass(frozen=True)

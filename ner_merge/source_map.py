@@ -257,8 +257,10 @@ class SourceMap(_Frozen):
             raise SourceMapError(
                 f"{where}: cannot read source map: {error.strerror}"
             ) from None
-        except UnicodeDecodeError as error:
-            raise SourceMapError(f"{where}: not valid JSON: {error}") from None
+        except UnicodeDecodeError:
+            raise SourceMapError(not_a_map(where, "not text")) from None
+        if not text.lstrip().startswith("{"):  # a map's first character
+            raise SourceMapError(not_a_map(where, "not a JSON object"))
         try:
             document = json.loads(
                 text, object_pairs_hook=_unique_keys, parse_constant=_no_constant
@@ -267,8 +269,8 @@ class SourceMap(_Frozen):
             raise SourceMapError(f"{where}: not valid JSON: {error}") from None
         except ValueError as error:  # from the two hooks
             raise SourceMapError(f"{where}: {error}") from None
-        if not isinstance(document, dict):
-            raise SourceMapError(f"{where}: expected a JSON object")
+        if not {"format_version", "tensors"} & set(document):
+            raise SourceMapError(not_a_map(where, "no format_version, no tensors"))
         if document.get("format_version") in (1, 2, 3):
             text = json.dumps(_upgraded(document))
         try:
@@ -334,6 +336,15 @@ def _no_constant(literal: str) -> None:
 
 
 @lru_cache(maxsize=4)
+def not_a_map(where: str, why: str) -> str:
+    """The one line for a file that is no source map at all (a config.json, a
+    model card): no field of it is worth listing."""
+    return (
+        f"{where}: not a source map ({why}); give a map from `ner-merge plan -o`, "
+        f"or a merge's {SOURCE_MAP_FILE}"
+    )
+
+
 def load_cached(path: str, modified_ns: int) -> SourceMap:
     """Load a map once per merge: the method asks for it for every tensor."""
     return SourceMap.load(path)

@@ -14,7 +14,7 @@ case "${1:-}" in
     -v | --verbose) quiet="" verbose="-v" ;;
     *) echo "usage: bash scripts/demo.sh [-v]" >&2 && exit 2 ;;
 esac
-source scripts/setup.sh
+source scripts/setup.sh report
 TEXTS=ner_merge/demo/texts
 
 stage() { printf '\n== %s\n' "$*"; }
@@ -26,7 +26,6 @@ fi
 stage "Merging with NER: mergekit-yaml configs/tiny-ner.yml demo/out/ner"
 mergekit-yaml $quiet configs/tiny-ner.yml demo/out/ner
 ner-merge show demo/out/ner
-echo "Report: demo/out/ner/ner_report.md; figure: demo/out/ner/ner_report.png"
 stage "A sample from the merge: ner-merge generate demo/out/ner 'The skipper'"
 ner-merge $verbose generate demo/out/ner "The skipper"
 stage "Did it help? Three NER recipes and a plain average: ner-merge compare"

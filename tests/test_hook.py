@@ -1,10 +1,12 @@
 """The import hook: cheap at start-up, idempotent, and never fatal to mergekit."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import yaml
 from mergekit.merge_methods import registry
 
 from ner_merge.hook import DISABLE_VARIABLE
@@ -124,25 +126,55 @@ def test_passive_threads_only_for_ner_merges(tmp_path):
     assert done.stdout.strip() == "None"
 
 
-def test_a_quiet_merge_prints_nothing_and_a_plain_one_still_says_all(
+def test_a_merge_ends_saying_where_its_files_are_and_hides_mergekits_notice(
     tmp_path, qwen_trio, isolated_score_cache
 ):
-    """`mergekit-yaml --quiet` with an NER recipe prints nothing at all: no
-    progress bar (ours or mergekit's) and not transformers' notice about
-    mergekit's use of `torch_dtype`. Without --quiet, both are there: nothing
-    is hidden from a user who did not ask."""
+    """`mergekit-yaml` with an NER recipe ends with where the report, figure and
+    map are and the number of decisions (on stdout, --quiet or not); --quiet
+    prints nothing else. transformers' notice about mergekit's use of
+    `torch_dtype` is hidden in NER merges, and only there: a linear merge, which
+    is mergekit's alone, still shows it."""
     recipe = write_recipe(tmp_path / "r.yml", qwen_trio["base"], [qwen_trio["one"]])
     mergekit_yaml = str(Path(sys.executable).parent / "mergekit-yaml")
+    out = tmp_path / "out"
     said = {}
     for flags in (["--quiet"], []):
         done = subprocess.run(
-            [mergekit_yaml, *flags, str(recipe), str(tmp_path / "out")],
+            [mergekit_yaml, *flags, str(recipe), str(out)],
             capture_output=True,
             text=True,
             timeout=300,
         )
         assert done.returncode == 0, done.stderr
-        said[bool(flags)] = done.stdout + done.stderr
-    assert said[True] == ""
-    assert "`torch_dtype` is deprecated" in said[False]
-    assert "NER scoring" in said[False] and "Executing graph" in said[False]
+        said[bool(flags)] = done
+    document = json.loads((out / "ner_source_map.json").read_text())
+    deciders = {
+        choice.get("unit") or name
+        for name, choice in document["tensors"].items()
+        if choice["scores"]
+    }
+    summary = (
+        f"NER merge written to {out}: {len(document['tensors'])} tensors, "
+        f"{len(deciders)} decisions (0 near ties refined in float64)\n"
+        f"  report: {out / 'ner_report.md'}\n"
+        f"  figure: {out / 'ner_report.png'}\n"
+        f"  map:    {out / 'ner_source_map.json'}\n"
+    )
+    assert all((out / name).is_file() for name in ("ner_report.md", "ner_report.png"))
+    assert said[True].stdout == said[False].stdout == summary
+    assert said[True].stderr == ""
+    assert "NER scoring" in said[False].stderr
+    assert "Executing graph" in said[False].stderr
+    assert "torch_dtype" not in said[False].stderr
+    linear = tmp_path / "linear.yml"
+    document = yaml.safe_load(recipe.read_text())
+    average = {"merge_method": "linear", "parameters": {"weight": 1.0}}
+    linear.write_text(yaml.safe_dump({**document, **average}))
+    done = subprocess.run(
+        [mergekit_yaml, str(linear), str(tmp_path / "linear")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "`torch_dtype` is deprecated" in done.stderr
