@@ -27,3 +27,7 @@ class OutputError(NerMergeError):
 
 class CompareError(NerMergeError):
     """Recipes given to `ner-merge compare` cannot be compared with each other."""
+
+
+class DiskFullError(OutputError):
+    """The disk filled up while a merge was written: nothing was published."""

@@ -175,7 +175,8 @@ def resolve_model(reference: ModelReference) -> ResolvedModel:
     path, revision = reference.model.path, reference.model.revision
     if os.path.isdir(path):
         return ResolvedModel(name=name, path=os.path.abspath(path), revision=None)
-    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+    spelled_as_folder = os.path.isabs(path) or path.startswith((".", "~"))
+    if spelled_as_folder or "\\" in path or path.count("/") != 1:  # not org/name
         raise ModelError(f"model {name}: no such folder {os.path.abspath(path)}")
     import huggingface_hub  # only Hub ids need it
 
