@@ -113,7 +113,9 @@ def test_a_refused_run_writes_nothing_anywhere(workspace, monkeypatch):
     cache = workspace.parent / f"{workspace.name}-cache" / "not-yet"
     monkeypatch.setenv(CACHE_DIR_VARIABLE, str(cache))
     locks = []
-    monkeypatch.setattr(output, "FileLock", lambda path: locks.append(path))
+    monkeypatch.setattr(
+        output, "FileLock", lambda path: locks.append(path) or FileLock(path)
+    )
     (workspace / "home").mkdir()
     (workspace / "home" / ".bashrc").write_text("mine")
     before = snapshot(workspace)
