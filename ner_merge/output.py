@@ -223,10 +223,11 @@ class OutputFolder:
         self._publish(staging)
 
     def _disk_full(self) -> str:
+        what = "OUT" if self.role == "OUT" else "folder"  # not "the earlier -o"
         kept = (
-            f"the earlier {self.role} is unchanged"
+            f"the earlier {what} is unchanged"
             if self.target.exists()
-            else f"no {self.role} was created"
+            else f"no {what} was created"
         )
         return (
             f"{self.named}: its disk filled up while the merge was written; "

@@ -298,3 +298,21 @@ def test_a_comparison_without_room_is_refused_before_any_merge(
         compare([str(recipe)], DEMO_TEXTS[:1], str(tmp_path / "cmp"), linear=True)
     assert not (tmp_path / "cmp").exists()
     assert not list(isolated_score_cache.rglob("*.json"))  # nothing scored
+
+
+def test_a_comparison_that_fills_its_disk_publishes_nothing(
+    tmp_path, qwen_trio, monkeypatch
+):
+    recipe = write_recipe(tmp_path / "r.yml", qwen_trio["base"], [qwen_trio["one"]])
+
+    def full(*args, **kwargs):
+        raise SafetensorError(DISK_FULL)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(DiskFullError) as stopped:
+        compare([str(recipe)], DEMO_TEXTS[:1], str(tmp_path / "cmp"))
+    assert str(stopped.value).startswith(
+        f"-o {tmp_path / 'cmp'}: its disk filled up while the merge was written; "
+        "nothing was published and no folder was created."
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yml"]
