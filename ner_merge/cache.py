@@ -20,12 +20,15 @@ run killed at any moment leaves either no entry or a whole one. An unreadable or
 malformed entry counts as a miss (said once per run) and is overwritten.
 """
 
+import contextlib
+import errno
 import functools
 import hashlib
 import json
 import logging
 import math
 import os
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -55,17 +58,26 @@ def default_cache_dir() -> Path | None:
 
 @functools.cache
 def _usable(folder: Path) -> bool:
-    """Whether the folder exists or can be created, and takes new files (tried:
-    permission bits lie to root and on read-only mounts).
+    """Whether the folder takes new files: tried with a temporary file where it
+    exists (permission bits lie to root and on read-only mounts); where it does
+    not, whether its nearest existing parent lets it be made.
 
-    Both the score cache and the content index live here: one unusable folder is
-    said once per run, here, rather than once by each of them, and neither tries
-    it again.
+    Nothing is created here: the folder is made by the first entry written into
+    it, so a run refused before scoring leaves no trace. Both the score cache
+    and the content index live here: one unusable folder is said once per run,
+    here, rather than once by each of them, and neither tries it again.
     """
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        if existing == folder:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        elif not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+            raise PermissionError(
+                errno.EACCES, f"cannot create folders in {existing}", str(existing)
+            )
     except OSError as error:
         LOG.warning(
             "cache folder %s cannot be used (%s): no scores or content hashes are "
@@ -80,17 +92,25 @@ def _usable(folder: Path) -> bool:
 
 
 def write_json_atomically(path: Path, document: object) -> None:
-    """Write a JSON file by renaming a finished temporary file into place, so
+    """A JSON file written as `write_text_atomically` writes."""
+    write_text_atomically(path, json.dumps(document, sort_keys=True))
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write a text file by renaming a finished temporary file into place, so
     readers (a concurrent run, or the next one after a kill) see either no file
-    or a whole one. Raises OSError, leaving no temporary file behind."""
+    or a whole one, and a failed write (a full disk) leaves an earlier file as
+    it was. The file gets the mode a plain write gives (the umask's). Raises
+    OSError, leaving no temporary file behind."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(document, file, sort_keys=True)
+        with open(temporary, "x", encoding="utf-8") as file:
+            file.write(text)
         os.replace(temporary, path)
-    except OSError:
-        if os.path.exists(temporary):
+    except BaseException:
+        with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
 

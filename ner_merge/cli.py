@@ -10,7 +10,6 @@ what it needs when it runs: `--help`, `--version` and `show` stay instant.
 
 import json
 import logging
-import os
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -198,14 +197,34 @@ def _holds_a_source_map(path: Path) -> bool:
 
 
 def save_map(source_map: "SourceMap", path: str) -> None:
-    """Write the map, creating its folder; an OS error is one line, not a trace."""
+    """Write the map whole or not at all (an earlier map stays as it was),
+    creating its folder; an OS error is one line, not a trace."""
+    from ner_merge.cache import write_text_atomically
+    from ner_merge.space import is_disk_full
+
+    existed = Path(path).exists()
     try:
-        os.makedirs(Path(path).parent, exist_ok=True)
-        source_map.save(path)
+        write_text_atomically(Path(path), source_map.to_json())
     except OSError as error:
+        if is_disk_full(error):
+            kept = "the earlier map is unchanged" if existed else "no file was made"
+            raise click.ClickException(
+                f"-o {path}: its disk filled up while the map was written; "
+                f"nothing was written and {kept}. Free some space there and "
+                "plan again"
+            ) from None
         raise click.ClickException(
             f"{path}: cannot write source map: {error.strerror}"
         ) from None
+
+
+def _require_mergekit() -> None:
+    """Refuse, in one line, to plan or merge with an unsupported mergekit."""
+    from ner_merge.mergekit_range import mergekit_problem
+
+    problem = mergekit_problem()
+    if problem is not None:
+        raise click.ClickException(problem)
 
 
 @main.command("plan")
@@ -279,11 +298,14 @@ def plan_command(
         raise click.UsageError("give -o FILE to write the map, --show to print it")
     if exact and scoring not in (None, "exact"):
         raise click.UsageError(f"--exact contradicts --scoring {scoring}")
+    _require_mergekit()
     from mergekit.options import MergeOptions
 
+    from ner_merge.inventory import resolve_models
     from ner_merge.planner import plan
     from ner_merge.recipe import Recipe
     from ner_merge.report import plan_table
+    from ner_merge.space import check_room, map_bytes
     from ner_merge.workers import choose_workers
 
     try:
@@ -302,7 +324,11 @@ def plan_command(
             lora_merge_dtype=lora_merge_dtype,
         )
         scorers = choose_workers(workers, ray_address)
-        source_map = plan(recipe, options, quiet=quiet, workers=scorers)
+        models = resolve_models(recipe, options)
+        if output:  # the map's size is bounded by the base's tensor count
+            needed = map_bytes(len(models[0].headers), len(models))
+            check_room(Path(output).absolute().parent, needed, f"-o {output}")
+        source_map = plan(recipe, options, quiet=quiet, models=models, workers=scorers)
     except NerMergeError as error:
         raise click.ClickException(str(error)) from error
     if show:
@@ -424,6 +450,7 @@ def compare_command(
     on the CPU and scores on CUDA when available, unless --device or --cuda
     says where to do both.
     """
+    _require_mergekit()
     from ner_merge.compare import compare
     from ner_merge.evaluate import DEMO_TEXTS
 

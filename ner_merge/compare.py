@@ -10,9 +10,9 @@ returned and written as DIR/compare.md, DIR/compare.json and DIR/compare.png.
 Everything that can be refused is refused before any model is scored or merged,
 in one line naming the file or option: a recipe's own problems, recipes of other
 models, two recipes of one NAME, a text that cannot be scored, and a DIR that
-must not be replaced. DIR follows the rules of a merge's OUT
-(`ner_merge.output`): staged beside itself, published whole with a manifest, and
-replaced only when a comparison wrote it.
+must not be replaced or whose disk has no room for every merge. DIR follows
+the rules of a merge's OUT (`ner_merge.output`): staged beside itself, published
+whole with a manifest, and replaced only when a comparison wrote it.
 
 The first recipe pays for scoring every model; the scores go to the score cache
 (`ner_merge.cache`), so each later recipe costs stitching and evaluation only.
@@ -52,6 +52,7 @@ from ner_merge.output import OutputFolder
 from ner_merge.quiet import mergekit_notices_hidden
 from ner_merge.recipe import Recipe, candidate_models
 from ner_merge.scoring import check_device
+from ner_merge.space import merge_bytes
 from ner_merge.words import plural
 
 LOG = logging.getLogger(__name__)
@@ -131,9 +132,15 @@ def compare(
     merge_steps = sum(2 if merge.recipe else 1 for merge in merges)
     progress = Progress(merge_steps + len(labels), verbose, quiet)
     output = OutputFolder(out_dir, inputs, role="-o")
+    needed = sum(
+        merge_bytes(
+            with_local_models(merge.config, models), models, options, bool(merge.recipe)
+        )
+        for merge in merges
+    )
     with (
         publishing(out_dir) as published_if,
-        output.prepared(),
+        output.prepared(needed),
         output.staged() as staging,
     ):
         published_if(staging)

@@ -34,3 +34,7 @@ def torch_failure(error: Exception) -> str:
     line (torch raises many kinds, some with pages of text, for a bad device)."""
     reason = next(iter(str(error).strip().splitlines()), "")
     return f"{type(error).__name__}: {reason}"
+
+
+class DiskFullError(OutputError):
+    """The disk filled up while a merge was written: nothing was published."""

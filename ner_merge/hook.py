@@ -15,9 +15,13 @@ to happen as the module executes, not later.
 
 (importlib.abc is avoided on purpose: importing it costs 40 ms at every start.)
 
-A failure here must not break mergekit for other recipes: it is reported in one
-line on stderr and mergekit carries on without `ner`. Set NER_MERGE_DISABLE_HOOK=1
-to switch the hook off.
+Attaching is all or nothing. A failure here must not break mergekit for other
+recipes, nor let an NER recipe merge without its plan, map, report and the
+output folder's safety: if any part cannot attach (or the installed mergekit is
+outside the supported range, see `ner_merge.mergekit_range`), it is reported
+in one line on stderr, `ner` is taken out of mergekit's registry again (or
+never put in), and mergekit carries on with its own methods, refusing an NER
+recipe. Set NER_MERGE_DISABLE_HOOK=1 to switch the hook off.
 
 One more thing must happen this early, before torch starts its OpenMP threads:
 for `mergekit-yaml` with an NER recipe, the passive OpenMP wait policy (see
@@ -30,6 +34,8 @@ import sys
 from types import ModuleType
 
 DISABLE_VARIABLE = "NER_MERGE_DISABLE_HOOK"
+# ner_merge.recipe.METHOD_NAME, not imported: that module needs mergekit.
+METHOD_NAME = "ner"
 
 
 def _register_method(module: ModuleType) -> None:
@@ -57,17 +63,46 @@ AFTER_IMPORT = {
 }
 
 
+# Why the hook stood down in this process (None while it may attach): once
+# set, no later module gets its action, so nothing is left half attached.
+_stood_down: str | None = None
+
+
 def _attach(module: ModuleType, action) -> None:
-    """Run one action on a freshly executed module; report its failure, never raise."""
+    """Run one action on a freshly executed module, unless the hook stood down;
+    on any failure, stand down: never raise."""
+    global _stood_down
+    if _stood_down is not None:
+        return
     try:
-        action(module)
+        from ner_merge.mergekit_range import mergekit_problem
+
+        reason = mergekit_problem()
+        if reason is None:
+            action(module)
+            return
     except Exception as error:  # noqa: BLE001 - mergekit must keep working
-        print(
-            f"ner-merge: could not attach to {module.__name__} "
-            f"({type(error).__name__}: {error}); merge_method 'ner' is unavailable. "
-            f"Reinstall ner-merge, or set {DISABLE_VARIABLE}=1 to silence this.",
-            file=sys.stderr,
+        reason = (
+            f"could not attach to {module.__name__} "
+            f"({type(error).__name__}: {error}); merge_method '{METHOD_NAME}' is "
+            f"unavailable. Reinstall ner-merge, or set {DISABLE_VARIABLE}=1 to "
+            "silence this."
         )
+    _stood_down = reason
+    _unregister()
+    print(f"ner-merge: {reason}", file=sys.stderr)
+
+
+def _unregister() -> None:
+    """Take `ner` out of mergekit's registry if an earlier action put it there.
+
+    mergekit 0.1.5 has no call for this; its registry is a dict by name. Done
+    without importing our method module, which may be what failed to import.
+    """
+    registry = sys.modules.get("mergekit.merge_methods.registry")
+    methods = getattr(registry, "_METHODS", None)
+    if isinstance(methods, dict):
+        methods.pop(METHOD_NAME, None)
 
 
 class _LoaderThenHook:
@@ -104,7 +139,8 @@ def _is_ner_merge(argv: list[str]) -> bool:
     The recipe is the first argument that is a readable file: an option's value
     (`--out-shard-size 1M`) may come before it, and OUT is a folder.
     """
-    if not argv or os.path.basename(argv[0]) != "mergekit-yaml":
+    program = os.path.splitext(os.path.basename(argv[0]))[0] if argv else ""
+    if program != "mergekit-yaml":  # on Windows: mergekit-yaml.exe
         return False
     for argument in argv[1:]:
         if argument.startswith("-") or not os.path.isfile(argument):

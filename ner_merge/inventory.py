@@ -39,6 +39,7 @@ class OutputTensor:
     stored_names: tuple[str | None, ...]
     aligned_axis: int | None = None  # token axis mergekit re-indexes (vocabulary.py)
     base_only: bool = False  # an optional tensor some models lack: from the base
+    force_dtype: str | None = None  # the architecture's dtype for it (mergekit's)
 
     @property
     def is_matrix(self) -> bool:
@@ -246,6 +247,7 @@ def _check_tensor(
         stored_names=tuple(stored),
         aligned_axis=axis,
         base_only=bool(lacking),
+        force_dtype=info.force_dtype,
     )
 
 

@@ -19,6 +19,7 @@ from mergekit.io.tasks import LoaderCache
 from mergekit.merge_methods import TensorEntry, TensorGroup, merge_method, registry
 
 from ner_merge.errors import ModelError, SourceMapError
+from ner_merge.mergekit_range import check_mergekit
 from ner_merge.ner import NonFiniteMatrixError, normalized_effective_rank
 from ner_merge.nerd import stabilize
 from ner_merge.recipe import METHOD_NAME
@@ -102,6 +103,8 @@ def _copy_of(
 
 
 def register() -> None:
-    """Make `merge_method: ner` available to mergekit; harmless when repeated."""
+    """Make `merge_method: ner` available to mergekit; harmless when repeated.
+    Refused, in one line, with a mergekit outside the supported range."""
+    check_mergekit()
     if METHOD_NAME not in {m.spec.name for m in registry.registered_methods()}:
         registry.register(ner_merge_method)

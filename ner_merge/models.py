@@ -199,7 +199,8 @@ def find_folder(
     path, revision = model.path, model.revision
     if os.path.isdir(path):
         return os.path.abspath(path), None
-    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+    spelled_as_folder = os.path.isabs(path) or path.startswith((".", "~"))
+    if spelled_as_folder or "\\" in path or path.count("/") != 1:  # not org/name
         raise ModelError(f"{what}: no such folder {os.path.abspath(path)}")
     import huggingface_hub  # only Hub ids need it
 

@@ -8,7 +8,12 @@ What is never done to OUT (the README's list):
   one that holds it;
 - a symbolic link is followed: its target is replaced and the link is kept;
 - two merges never write one OUT at once: a lock file beside OUT is held for the
-  whole run, and a second run stops at once, saying so;
+  whole run (a `filelock` lock: flock on Linux and macOS, a locked file on
+  Windows), and a second run stops at once, saying so; it is taken only once OUT
+  is accepted, so a refused run writes nothing;
+- the merge must fit: its size is checked against OUT's free disk space before
+  any work (`ner_merge.space`), and a disk that fills up anyway (another writer,
+  a quota) ends the run in one line, the staged copy removed, nothing published;
 - every file published gets the permissions the user's umask gives a new file
   (safetensors writes its files 0600, through a temporary file, which would make
   a shared model folder unreadable to the group);
@@ -19,17 +24,19 @@ What is never done to OUT (the README's list):
   OUT) before it starts; it deletes nothing else.
 """
 
-import fcntl
 import json
 import logging
 import os
 import shutil
 import stat
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from ner_merge.errors import OutputError
+from filelock import FileLock, Timeout
+
+from ner_merge.errors import DiskFullError, OutputError
+from ner_merge.space import check_room, is_disk_full
 
 LOG = logging.getLogger(__name__)
 
@@ -89,6 +96,7 @@ class OutputFolder:
 
     def __init__(self, out_path: str, inputs: list[str], role: str = "OUT") -> None:
         """role: how refusals name the folder (`OUT`, or the option that gave it)."""
+        self.role = role
         self.named = f"{role} {out_path}"
         self.target = Path(out_path).resolve()  # follows a symlinked OUT
         self.inputs = [Path(path).resolve() for path in inputs]
@@ -96,13 +104,18 @@ class OutputFolder:
         self.lock_path = self.target.parent / f".{self.target.name}{LOCK_SUFFIX}"
 
     @contextmanager
-    def prepared(self) -> Iterator["OutputFolder"]:
-        """Lock OUT for the whole block, finish an interrupted publish, and refuse
-        an OUT that must not be replaced. All of it before any scoring."""
+    def prepared(self, needed: int | None = None) -> Iterator["OutputFolder"]:
+        """Refuse an OUT that must not be replaced, lock it for the whole block,
+        finish an interrupted publish, and refuse a merge of `needed` bytes its
+        disk has no room for (counted once a killed run's leftovers are gone).
+        All of it before any scoring; a refusal before the lock writes nothing."""
         self._refuse_where_it_lies()
+        self._refuse_what_it_holds()
         with self._locked():
             self._recover()
-            self._refuse_what_it_holds()
+            self._refuse_what_it_holds()  # as it is now, under the lock
+            if needed is not None:
+                check_room(self.root, needed, self.named)
             yield self
 
     def _refuse_where_it_lies(self) -> None:
@@ -143,24 +156,15 @@ class OutputFolder:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
+        lock = FileLock(self.lock_path)
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)
-            while True:
-                handle = os.open(self.lock_path, os.O_CREAT | os.O_RDWR, 0o644)
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    os.close(handle)
-                    raise OutputError(
-                        f"{self.named}: another merge is writing it (it holds "
-                        f"{self.lock_path}); wait for it to end"
-                    ) from None
-                # The holder before us may have removed the file as we opened it.
-                if os.path.exists(self.lock_path) and os.path.samestat(
-                    os.fstat(handle), os.stat(self.lock_path)
-                ):
-                    break
-                os.close(handle)
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise OutputError(
+                f"{self.named}: another merge is writing it (it holds "
+                f"{self.lock_path}); wait for it to end"
+            ) from None
         except OSError as error:
             raise OutputError(
                 f"{self.named}: cannot write beside it ({error.strerror}: "
@@ -169,8 +173,13 @@ class OutputFolder:
         try:
             yield
         finally:
-            os.unlink(self.lock_path)
-            os.close(handle)
+            # Removed while still held, so that no run leaves it behind: a run
+            # that opened it meanwhile finds it unlinked once it gets the lock
+            # (filelock checks) and is refused. Windows cannot remove an open
+            # file; filelock removes it there, as it releases it.
+            with suppress(OSError):
+                os.unlink(self.lock_path)
+            lock.release()
 
     def _recover(self) -> None:
         """Finish or undo what a killed run left in the staging root."""
@@ -199,22 +208,42 @@ class OutputFolder:
     @contextmanager
     def staged(self) -> Iterator[Path]:
         """A folder to write the merge into; published as OUT if the block ends
-        normally, removed if it raises. Its name is OUT's, which the model card
-        quotes."""
+        normally, removed if it (or completing it) raises. Its name is OUT's,
+        which the model card quotes. A disk that filled up is said in one line."""
         staging = self.root / self.target.name
-        staging.mkdir(parents=True)
         try:
+            staging.mkdir(parents=True)
             yield staging
-        except BaseException:
+            self._complete(staging)
+        except BaseException as error:
             shutil.rmtree(self.root, ignore_errors=True)
+            if isinstance(error, DiskFullError) or is_disk_full(error):
+                raise DiskFullError(self._disk_full()) from None
             raise
         self._publish(staging)
 
-    def _publish(self, staging: Path) -> None:
+    def _disk_full(self) -> str:
+        what = "OUT" if self.role == "OUT" else "folder"  # not "the earlier -o"
+        kept = (
+            f"the earlier {what} is unchanged"
+            if self.target.exists()
+            else f"no {what} was created"
+        )
+        return (
+            f"{self.named}: its disk filled up while the merge was written; "
+            f"nothing was published and {kept}. Free some space there (the "
+            "merge's size was checked before it started: another writer or a "
+            "quota took it) and run again"
+        )
+
+    def _complete(self, staging: Path) -> None:
+        """The staged merge's last writes: the umask's modes, then the manifest."""
         give_creation_mode(staging)
         files = _files_of(staging) + [MANIFEST_FILE]
         manifest = json.dumps({"files": files}, indent=1) + "\n"
         (staging / MANIFEST_FILE).write_text(manifest, encoding="utf-8")
+
+    def _publish(self, staging: Path) -> None:
         if self.target.exists():
             self.target.rename(self.root / PREVIOUS)
         staging.rename(self.target)

@@ -45,6 +45,7 @@ from ner_merge.scoring import (
 )
 from ner_merge.selection import Selection, SelectionError, group_tensors, reconcile
 from ner_merge.source_map import SOURCE_MAP_FILE, SourceMap
+from ner_merge.space import merge_bytes
 from ner_merge.vocabulary import vocabulary_alignment
 from ner_merge.workers import choose_workers
 
@@ -138,7 +139,8 @@ def merge(
     models = resolve_models(recipe, merge_options)
     check_base_tokenizer(recipe, models[0].path, merge_options)
     output = OutputFolder(out_path, [model.path for model in models])
-    with publishing(out_path) as published_if, output.prepared():
+    needed = merge_bytes(localized_config(recipe, models), models, merge_options)
+    with publishing(out_path) as published_if, output.prepared(needed):
         with step("plan"):
             if recipe.options.source_map:
                 source_map = checked_source_map(recipe, models, merge_options)

@@ -23,6 +23,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Protocol, TypeVar
 
+import psutil
+
 from ner_merge.errors import NerMergeError
 
 LOG = logging.getLogger(__name__)
@@ -144,16 +146,9 @@ def default_count(working_set: int) -> int:
 
 
 def available_memory() -> int:
-    """Bytes of memory available to new work: MemAvailable (free memory plus the
-    page cache the kernel can drop), or free pages where /proc is missing."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    """Bytes of memory available to new work without swapping: free memory plus
+    the caches the system can drop (psutil's figure, on every platform)."""
+    return psutil.virtual_memory().available
 
 
 def choose_workers(count: int | None = None, ray_address: str | None = None) -> Workers:

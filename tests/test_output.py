@@ -1,7 +1,6 @@
 """OUT is never a place to lose data: refused before any scoring when it holds
 anything a merge did not write, locked for the run, and published recoverably."""
 
-import fcntl
 import os
 import shutil
 import signal
@@ -10,7 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
+from ner_merge import output
+from ner_merge.cache import CACHE_DIR_VARIABLE
 from ner_merge.errors import OutputError
 from ner_merge.output import MANIFEST_FILE, OutputFolder
 from tests.helpers import (
@@ -97,13 +99,31 @@ def test_a_symlinked_out_is_followed(workspace):
 
 def test_a_second_merge_into_a_locked_out_stops_at_once(workspace):
     lock = workspace / ".out.ner-lock"
-    with open(lock, "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)  # as a running merge holds it
+    with FileLock(lock):  # as a running merge holds it
         with pytest.raises(OutputError, match="another merge is writing it"):
             run_merge(workspace / "recipe.yml", workspace / "out")
     assert not (workspace / "out").exists()
     run_merge(workspace / "recipe.yml", workspace / "out")  # free again
     assert not lock.exists()  # the run removed the lock file it made
+
+
+def test_a_refused_run_writes_nothing_anywhere(workspace, monkeypatch):
+    """An OUT that is not ours (the user's /root, say) is refused before a lock
+    file is made beside it, and before the score cache's folder is created."""
+    cache = workspace.parent / f"{workspace.name}-cache" / "not-yet"
+    monkeypatch.setenv(CACHE_DIR_VARIABLE, str(cache))
+    locks = []
+    monkeypatch.setattr(
+        output, "FileLock", lambda path: locks.append(path) or FileLock(path)
+    )
+    (workspace / "home").mkdir()
+    (workspace / "home" / ".bashrc").write_text("mine")
+    before = snapshot(workspace)
+    with pytest.raises(OutputError, match="is not a merge's output"):
+        run_merge(workspace / "recipe.yml", workspace / "home")
+    assert locks == []
+    assert not cache.parent.exists()
+    assert snapshot(workspace) == before
 
 
 KILL_BETWEEN_RENAMES = """
