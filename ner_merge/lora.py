@@ -46,7 +46,6 @@ from ner_merge.models import (
     resolve_model,
 )
 from ner_merge.reader import TensorHeader
-from ner_merge.source_map import LoraPart, LoraSource
 
 ADAPTER_CONFIG = "adapter_config.json"
 # The weights file peft reads, in its order of preference.
@@ -285,19 +284,3 @@ def _copy_base_files(base: str, merged: Path) -> None:
         if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES):
             if not (merged / path.name).exists():
                 shutil.copyfile(path, merged / path.name)
-
-
-def lora_source(model: ResolvedModel) -> LoraSource | None:
-    """A LoRA fine-tune's base and adapter, as a source map records them."""
-    if model.base is None or model.adapter is None:
-        return None
-    adapter = model.adapter
-    return LoraSource(
-        base=LoraPart(
-            name=model.base.name, path=model.base.path, revision=model.base.revision
-        ),
-        adapter=LoraPart(
-            name=adapter.name, path=adapter.path, revision=adapter.revision
-        ),
-        adapter_hash=adapter.hash,
-    )

@@ -28,7 +28,7 @@ from ner_merge.inventory import (
     output_tensors,
     resolve_models,
 )
-from ner_merge.lora import lora_merge_cache, lora_source
+from ner_merge.lora import lora_merge_cache
 from ner_merge.models import ResolvedModel
 from ner_merge.output import OutputFolder
 from ner_merge.planner import plan
@@ -44,7 +44,7 @@ from ner_merge.scoring import (
     stabilized,
 )
 from ner_merge.selection import Selection, SelectionError, group_tensors, reconcile
-from ner_merge.source_map import SOURCE_MAP_FILE, SourceMap
+from ner_merge.source_map import SOURCE_MAP_FILE, SourceMap, lora_source
 from ner_merge.space import merge_bytes
 from ner_merge.vocabulary import vocabulary_alignment
 from ner_merge.workers import choose_workers

@@ -28,7 +28,6 @@ from ner_merge.inventory import (
     output_tensors,
     resolve_models,
 )
-from ner_merge.lora import lora_source
 from ner_merge.models import ResolvedModel
 from ner_merge.names import tensor_type
 from ner_merge.ner import BoundedScore
@@ -56,7 +55,7 @@ from ner_merge.selection import (
     group_tensors,
     uncertain_copies,
 )
-from ner_merge.source_map import ModelEntry, SourceMap
+from ner_merge.source_map import ModelEntry, SourceMap, lora_source
 from ner_merge.vocabulary import vocabulary_alignment
 from ner_merge.workers import Workers, choose_workers
 

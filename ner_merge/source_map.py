@@ -22,6 +22,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ner_merge.errors import SourceMapError
+from ner_merge.models import ResolvedModel
 from ner_merge.options import format_validation_error
 
 FORMAT_VERSION = 4
@@ -56,6 +57,22 @@ class LoraSource(_Frozen):
     base: LoraPart
     adapter: LoraPart
     adapter_hash: str = Field(description="BLAKE3 over the adapter's files.")
+
+
+def lora_source(model: ResolvedModel) -> LoraSource | None:
+    """A LoRA fine-tune's base and adapter, as a source map records them."""
+    if model.base is None or model.adapter is None:
+        return None
+    adapter = model.adapter
+    return LoraSource(
+        base=LoraPart(
+            name=model.base.name, path=model.base.path, revision=model.base.revision
+        ),
+        adapter=LoraPart(
+            name=adapter.name, path=adapter.path, revision=adapter.revision
+        ),
+        adapter_hash=adapter.hash,
+    )
 
 
 class ModelEntry(_Frozen):
