@@ -312,7 +312,7 @@ def _write_table(
         encoding="utf-8",
     )
     try:
-        from ner_merge.figure import write_comparison_figure
+        from ner_merge.compare_figure import write_comparison_figure
     except ImportError as error:  # matplotlib is the optional `report` extra
         LOG.warning(
             "skipping %s: %s (install the extra: pip install 'ner-merge[report]')",
