@@ -199,7 +199,7 @@ def _holds_a_source_map(path: Path) -> bool:
 def save_map(source_map: "SourceMap", path: str) -> None:
     """Write the map whole or not at all (an earlier map stays as it was),
     creating its folder; an OS error is one line, not a trace."""
-    from ner_merge.cache import write_text_atomically
+    from ner_merge.cache_folder import write_text_atomically
     from ner_merge.space import is_disk_full
 
     existed = Path(path).exists()

@@ -29,7 +29,7 @@ from pathlib import Path
 import blake3
 import torch
 
-from ner_merge.cache import write_json_atomically
+from ner_merge.cache_folder import write_json_atomically
 from ner_merge.errors import ModelError
 from ner_merge.reader import TensorHeader, as_tensor, read_bytes
 

@@ -35,7 +35,7 @@ import blake3
 from mergekit.common import ModelPath, ModelReference
 from mergekit.options import MergeOptions
 
-from ner_merge.cache import CACHE_DIR_VARIABLE, default_cache_dir
+from ner_merge.cache_folder import CACHE_DIR_VARIABLE, default_cache_dir
 from ner_merge.content import file_key
 from ner_merge.errors import ModelError
 from ner_merge.models import (

@@ -18,7 +18,7 @@ from mergekit.common import ModelPath, ModelReference
 from mergekit.io.lazy_tensor_loader import ShardedTensorIndex
 from transformers import PretrainedConfig
 
-from ner_merge.cache import default_cache_dir
+from ner_merge.cache_folder import default_cache_dir
 from ner_merge.content import DigestIndex, ModelContent
 from ner_merge.errors import ModelError
 from ner_merge.reader import TensorHeader

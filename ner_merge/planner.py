@@ -20,7 +20,8 @@ from dataclasses import replace
 from mergekit.common import dtype_from_name
 from mergekit.options import MergeOptions
 
-from ner_merge.cache import ScoreCache, default_cache_dir
+from ner_merge.cache import ScoreCache
+from ner_merge.cache_folder import default_cache_dir
 from ner_merge.errors import ModelError
 from ner_merge.inventory import (
     OutputTensor,

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ner_merge import content, planner, scoring
-from ner_merge.cache import CACHE_DIR_VARIABLE, ScoreCache, default_cache_dir
+from ner_merge.cache import ScoreCache
+from ner_merge.cache_folder import CACHE_DIR_VARIABLE, default_cache_dir
 from ner_merge.errors import SourceMapError
 from ner_merge.models import ResolvedModel
 from ner_merge.ner import BoundedScore

@@ -13,7 +13,7 @@ import torch
 import transformers
 from click.testing import CliRunner
 
-from ner_merge.cache import CACHE_DIR_VARIABLE
+from ner_merge.cache_folder import CACHE_DIR_VARIABLE
 from ner_merge.cli import main
 from ner_merge.demo import TEXTS
 from ner_merge.source_map import SOURCE_MAP_FILE

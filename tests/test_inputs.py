@@ -15,7 +15,7 @@ import yaml
 from mergekit.merge_methods.api import merge_state_dicts, merge_tensors
 from mergekit.options import MergeOptions
 
-from ner_merge.cache import CACHE_DIR_VARIABLE
+from ner_merge.cache_folder import CACHE_DIR_VARIABLE
 from ner_merge.card import write_model_card
 from ner_merge.content import ModelContent
 from ner_merge.errors import ModelError, NerMergeError, RecipeError, SourceMapError

@@ -12,7 +12,7 @@ import pytest
 from filelock import FileLock
 
 from ner_merge import output
-from ner_merge.cache import CACHE_DIR_VARIABLE
+from ner_merge.cache_folder import CACHE_DIR_VARIABLE
 from ner_merge.errors import OutputError
 from ner_merge.output import MANIFEST_FILE, OutputFolder
 from tests.helpers import (

@@ -15,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from ner_merge.cache import CACHE_DIR_VARIABLE
+from ner_merge.cache_folder import CACHE_DIR_VARIABLE
 from ner_merge.errors import ModelError, SourceMapError
 from ner_merge.ner import normalized_effective_rank
 from ner_merge.planner import plan

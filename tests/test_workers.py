@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ner_merge.cache import CACHE_DIR_VARIABLE
+from ner_merge.cache_folder import CACHE_DIR_VARIABLE
 from ner_merge.content import TensorDigest
 from ner_merge.errors import ModelError, NerMergeError
 from ner_merge.models import HubFile, ResolvedModel
