@@ -218,3 +218,19 @@ def format_validation_error(
     lines = [f"{where}: invalid {what}:"]
     lines += [f"  {line}" for line in validation_problems(error, prefix)]
     return "\n".join(lines)
+
+
+# fast: float32 scores with bounds, float64 for near ties; exact: float64 only;
+# nerd: the reference tool's own float32 rule (`compat: nerd`).
+RouteName = Literal["fast", "exact", "nerd"]
+
+
+class ScoringRoute(BaseModel):
+    """How a plan computed its scores, and why that way: option `scoring` as
+    resolved (`auto` picks by the device: see `ner_merge.scoring.scoring_route`),
+    recorded in the source map."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    scoring: RouteName
+    reason: str

@@ -31,7 +31,7 @@ from ner_merge.inventory import (
 from ner_merge.lora import lora_merge_cache
 from ner_merge.models import ResolvedModel
 from ner_merge.output import OutputFolder
-from ner_merge.planner import plan
+from ner_merge.planner import plan, tensor_specs
 from ner_merge.quiet import mergekit_notices_hidden
 from ner_merge.recipe import METHOD_NAME, Recipe, misspelt_method
 from ner_merge.report import FIGURE_FILE, REPORT_FILE, decision_counts, write_report
@@ -41,11 +41,11 @@ from ner_merge.scoring import (
     CopyReader,
     check_device,
     nonfinite_copies,
-    stabilized,
 )
 from ner_merge.selection import Selection, SelectionError, group_tensors, reconcile
 from ner_merge.source_map import SOURCE_MAP_FILE, SourceMap, lora_source
 from ner_merge.space import merge_bytes
+from ner_merge.stabilized import stabilized
 from ner_merge.vocabulary import vocabulary_alignment
 from ner_merge.workers import choose_workers
 
@@ -245,7 +245,7 @@ def checked_source_map(
         NERD_SCORING if source_map.options.get("compat") == "nerd" else SPEC_SCORING
     )
     grouping = group_tensors(
-        [scoring.spec(tensor) for tensor in tensors],
+        tensor_specs(tensors, scoring),
         Selection.of_map(source_map, where),
         len(names),
     )

@@ -3,7 +3,8 @@
 `plan` composes the steps, each in a module of its own: the inventory of models
 and output tensors (`ner_merge.inventory`), the NaN/Inf checks and scoring
 (`ner_merge.scoring`), the selection rules (`ner_merge.selection`, the only home
-of the rules) and the stabilize stage; the result is a source map.
+of the rules) and the stabilize stage (`ner_merge.stabilized`); the result is a
+source map.
 
 Scores take one of two routes (`scoring_route`: by default exact on a CPU,
 fast on a GPU). Exact: every copy in float64. Fast: copies in float32 with a
@@ -39,6 +40,7 @@ from ner_merge.scoring import (
     CopyReader,
     Place,
     Precision,
+    Scoring,
     check_device,
     check_finite,
     every_copy,
@@ -46,7 +48,6 @@ from ner_merge.scoring import (
     score_matrices,
     scoring_progress,
     scoring_route,
-    stabilized,
 )
 from ner_merge.selection import (
     Selection,
@@ -57,8 +58,24 @@ from ner_merge.selection import (
     uncertain_copies,
 )
 from ner_merge.source_map import ModelEntry, SourceMap, lora_source
+from ner_merge.stabilized import stabilized
 from ner_merge.vocabulary import vocabulary_alignment
 from ner_merge.workers import Workers, choose_workers
+
+
+def tensor_specs(tensors: list[OutputTensor], scoring: Scoring) -> list[TensorSpec]:
+    """The output tensors as selection sees them, under this scoring mode."""
+    return [
+        TensorSpec(
+            name=tensor.name,
+            layer=tensor.layer,
+            shape=tensor.shape,
+            scored=scoring.selects(tensor),
+            floating=tensor.is_float,
+            base_only=tensor.base_only,
+        )
+        for tensor in tensors
+    ]
 
 
 def plan(
@@ -84,7 +101,7 @@ def plan(
     selection = Selection.from_options(recipe.options, recipe.exclusions)
     selection.check_patterns([t.name for t in tensors], names, recipe.where)
     scoring = NERD_SCORING if recipe.options.compat == "nerd" else SPEC_SCORING
-    grouping = group_tensors([scoring.spec(t) for t in tensors], selection, len(names))
+    grouping = group_tensors(tensor_specs(tensors, scoring), selection, len(names))
     scored = {spec.name for spec in grouping.to_score()}
     to_score = [tensor for tensor in tensors if tensor.name in scored]
     # NaN or Inf in a tensor no rule scores (a norm, a bias) is found before any
@@ -117,7 +134,7 @@ def plan(
 
     with progress:
         if route.scoring == "fast":
-            specs = [scoring.spec(tensor) for tensor in tensors]
+            specs = tensor_specs(tensors, scoring)
             found = _where_float32_settles(score, specs, to_score, models, reader)
         else:
             found = score(every_copy(to_score, len(models), "exact"))

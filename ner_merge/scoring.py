@@ -38,17 +38,9 @@ from ner_merge.ner import (
     fast_score,
     normalized_effective_rank,
 )
-from ner_merge.nerd import (
-    NERD_VERSION,
-    nerd_score,
-    scores_like_nerd,
-    stabilize,
-    stabilizes,
-)
-from ner_merge.options import NerOptions
+from ner_merge.nerd import NERD_VERSION, nerd_score, scores_like_nerd
+from ner_merge.options import NerOptions, ScoringRoute
 from ner_merge.reader import TensorHeader, as_tensor, read_bytes
-from ner_merge.selection import TensorSpec
-from ner_merge.source_map import ScoringRoute, TensorChoice
 from ner_merge.vocabulary import VocabularyAlignment
 from ner_merge.workers import LocalWorkers, Workers, reproducible_scoring
 
@@ -142,17 +134,6 @@ class Scoring:
         if self.precision(precision) == "fast":
             return self.fast(matrix)
         return BoundedScore(self.exact(matrix))
-
-    def spec(self, tensor: OutputTensor) -> TensorSpec:
-        """The tensor as selection sees it."""
-        return TensorSpec(
-            name=tensor.name,
-            layer=tensor.layer,
-            shape=tensor.shape,
-            scored=self.selects(tensor),
-            floating=tensor.is_float,
-            base_only=tensor.base_only,
-        )
 
 
 SPEC_SCORING = Scoring(
@@ -505,42 +486,3 @@ def check_finite(
             "\n  ".join(problems)
             + "\n(set `nonfinite: lose` to let such copies lose instead)"
         )
-
-
-def stabilized(
-    tensors: list[OutputTensor],
-    choices: dict[str, TensorChoice],
-    reader: CopyReader,
-    names: list[str],
-    dtype: torch.dtype | None,
-) -> dict[str, TensorChoice]:
-    """Choices with the share of base values the stabilize stage puts back, in
-    every `.weight` not taken from the base (NERD's stage 2 leaves biases alone).
-
-    Computed on the copies exactly as the merge method will see them (cast to the
-    recipe's dtype, aligned), with the same function, so the map states what the
-    merge writes. Only the base's and the chosen copy are read, except for a
-    token-indexed tensor under a tokenizer option, which aligns every copy.
-    A choice that already states its share (a hand-edited map) keeps it.
-    """
-    result = dict(choices)
-    for tensor in tensors:
-        choice = choices[tensor.name]
-        source = names.index(choice.source)
-        if (
-            not tensor.is_float
-            or source == 0
-            or not stabilizes(tensor.name)
-            or choice.stabilized is not None
-        ):
-            continue
-        if reader.is_aligned(tensor):
-            copies = list(reader.copies(tensor, dtype))
-            base, chosen = copies[0], copies[source]
-        else:
-            base, chosen = (reader.copy(tensor, i, dtype) for i in (0, source))
-        _, from_base = stabilize(base, chosen)
-        result[tensor.name] = choice.model_copy(
-            update={"stabilized": from_base / base.numel()}
-        )
-    return result

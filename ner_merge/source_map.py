@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ner_merge.errors import SourceMapError
 from ner_merge.models import ResolvedModel
-from ner_merge.options import format_validation_error
+from ner_merge.options import ScoringRoute, format_validation_error
 
 FORMAT_VERSION = 4
 SOURCE_MAP_FILE = "ner_source_map.json"  # its name in a merge's output folder
@@ -161,19 +161,6 @@ class UnitChoice(_Frozen):
         description="Each model's mean score over the unit's scored tensors; "
         "null if one of them is NaN or Inf."
     )
-
-
-# fast: float32 scores with bounds, float64 for near ties; exact: float64 only;
-# nerd: the reference tool's own float32 rule (`compat: nerd`).
-RouteName = Literal["fast", "exact", "nerd"]
-
-
-class ScoringRoute(_Frozen):
-    """How a plan computed its scores, and why that way (`scoring: auto` picks
-    by the device: see `ner_merge.scoring.scoring_route`)."""
-
-    scoring: RouteName
-    reason: str
 
 
 class SourceMap(_Frozen):

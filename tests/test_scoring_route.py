@@ -10,11 +10,11 @@ from click.testing import CliRunner
 from ner_merge import scoring
 from ner_merge.cli import main
 from ner_merge.errors import RecipeError
-from ner_merge.options import NerOptions
+from ner_merge.options import NerOptions, ScoringRoute
 from ner_merge.planner import plan
 from ner_merge.recipe import Recipe
 from ner_merge.report import render_report
-from ner_merge.source_map import ScoringRoute, SourceMap
+from ner_merge.source_map import SourceMap
 from ner_merge.workers import LocalWorkers
 from tests.helpers import write_recipe
 from tests.test_certified import build_near_ties, eigensolves

@@ -6,6 +6,7 @@ import pytest
 
 from ner_merge.errors import SourceMapError
 from ner_merge.names import layer_prefix, tensor_type, unit_of
+from ner_merge.options import ScoringRoute
 from ner_merge.selection import (
     Selection,
     SelectionError,
@@ -16,7 +17,7 @@ from ner_merge.selection import (
     uncertain_copies,
     unit_decisions,
 )
-from ner_merge.source_map import Follows, ModelEntry, ScoringRoute, SourceMap
+from ner_merge.source_map import Follows, ModelEntry, SourceMap
 
 NAMES = ["base", "one", "two"]
 
