@@ -18,13 +18,13 @@ import click
 
 from ner_merge import __version__
 from ner_merge.errors import NerMergeError
-from ner_merge.interrupt import end_on_interrupt, interrupted
-from ner_merge.threads import wait_passively
+from ner_merge.host.interrupt import end_on_interrupt, interrupted
+from ner_merge.scoring.threads import wait_passively
 
-wait_passively()  # before any command imports torch (see ner_merge.threads)
+wait_passively()  # before any command imports torch (see ner_merge.scoring.threads)
 
 if TYPE_CHECKING:
-    from ner_merge.source_map import SourceMap
+    from ner_merge.plan.source_map import SourceMap
 
 
 def _print_version(context: click.Context, _: click.Parameter, value: bool) -> None:
@@ -199,8 +199,8 @@ def _holds_a_source_map(path: Path) -> bool:
 def save_map(source_map: "SourceMap", path: str) -> None:
     """Write the map whole or not at all (an earlier map stays as it was),
     creating its folder; an OS error is one line, not a trace."""
-    from ner_merge.cache_folder import write_text_atomically
-    from ner_merge.space import is_disk_full
+    from ner_merge.host.space import is_disk_full
+    from ner_merge.models.cache_folder import write_text_atomically
 
     existed = Path(path).exists()
     try:
@@ -220,7 +220,7 @@ def save_map(source_map: "SourceMap", path: str) -> None:
 
 def _require_mergekit() -> None:
     """Refuse, in one line, to plan or merge with an unsupported mergekit."""
-    from ner_merge.mergekit_range import mergekit_problem
+    from ner_merge.host.mergekit_range import mergekit_problem
 
     problem = mergekit_problem()
     if problem is not None:
@@ -301,12 +301,12 @@ def plan_command(
     _require_mergekit()
     from mergekit.options import MergeOptions
 
-    from ner_merge.inventory import resolve_models
-    from ner_merge.planner import plan
-    from ner_merge.recipe import Recipe
-    from ner_merge.report import plan_table
-    from ner_merge.space import check_room, map_bytes
-    from ner_merge.workers import choose_workers
+    from ner_merge.host.space import check_room, map_bytes
+    from ner_merge.models.inventory import resolve_models
+    from ner_merge.plan.planner import plan
+    from ner_merge.recipe.recipe import Recipe
+    from ner_merge.report.markdown import plan_table
+    from ner_merge.scoring.workers import choose_workers
 
     try:
         recipe = Recipe.from_file(recipe_file)
@@ -349,8 +349,8 @@ def show_command(context: click.Context, map_file: str) -> None:
     """Print a source map: a file from `plan -o`, or a merge's output folder
     (its ner_source_map.json)."""
     verbosity(context)
-    from ner_merge.report import plan_table
-    from ner_merge.source_map import SOURCE_MAP_FILE, SourceMap
+    from ner_merge.plan.source_map import SOURCE_MAP_FILE, SourceMap
+    from ner_merge.report.markdown import plan_table
 
     path = Path(map_file)
     if path.is_dir():
@@ -395,7 +395,7 @@ def eval_command(
     """
     from transformers.utils import logging as transformers_logging
 
-    from ner_merge.evaluate import DEMO_TEXTS, evaluate
+    from ner_merge.evaluate.perplexity import DEMO_TEXTS, evaluate
 
     _, quiet = verbosity(context)
     transformers_logging.disable_progress_bar()  # a bar per model buries the table
@@ -451,8 +451,8 @@ def compare_command(
     says where to do both.
     """
     _require_mergekit()
-    from ner_merge.compare import compare
-    from ner_merge.evaluate import DEMO_TEXTS
+    from ner_merge.evaluate.compare import compare
+    from ner_merge.evaluate.perplexity import DEMO_TEXTS
 
     verbose, quiet = verbosity(context)
     quiet_transformers(verbose)

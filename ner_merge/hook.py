@@ -9,7 +9,7 @@ two of its modules execute:
 - `mergekit.merge`: wrap `run_merge`, which every mergekit CLI calls, so an NER
   recipe is planned first and its output is written atomically with a report;
 - `mergekit.plan`: work around a mergekit bug that NER merges of BERT hit (see
-  `ner_merge.mergekit_fixes`).
+  `ner_merge.host.mergekit_fixes`).
 The CLIs bind `run_merge` by name when they import it, which is why the wrap has
 to happen as the module executes, not later.
 
@@ -18,14 +18,14 @@ to happen as the module executes, not later.
 Attaching is all or nothing. A failure here must not break mergekit for other
 recipes, nor let an NER recipe merge without its plan, map, report and the
 output folder's safety: if any part cannot attach (or the installed mergekit is
-outside the supported range, see `ner_merge.mergekit_range`), it is reported
+outside the supported range, see `ner_merge.host.mergekit_range`), it is reported
 in one line on stderr, `ner` is taken out of mergekit's registry again (or
 never put in), and mergekit carries on with its own methods, refusing an NER
 recipe. Set NER_MERGE_DISABLE_HOOK=1 to switch the hook off.
 
 One more thing must happen this early, before torch starts its OpenMP threads:
 for `mergekit-yaml` with an NER recipe, the passive OpenMP wait policy (see
-`ner_merge.threads`); no other program's environment is touched.
+`ner_merge.scoring.threads`); no other program's environment is touched.
 """
 
 import importlib.machinery
@@ -34,24 +34,24 @@ import sys
 from types import ModuleType
 
 DISABLE_VARIABLE = "NER_MERGE_DISABLE_HOOK"
-# ner_merge.recipe.METHOD_NAME, not imported: that module needs mergekit.
+# ner_merge.recipe.recipe.METHOD_NAME, not imported: that module needs mergekit.
 METHOD_NAME = "ner"
 
 
 def _register_method(module: ModuleType) -> None:
-    from ner_merge.method import register
+    from ner_merge.host.method import register
 
     register()
 
 
 def _wrap_run_merge(module: ModuleType) -> None:
-    from ner_merge.pipeline import with_ner_planning
+    from ner_merge.host.pipeline import with_ner_planning
 
     module.run_merge = with_ner_planning(module.run_merge)
 
 
 def _fix_planner(module: ModuleType) -> None:
-    from ner_merge.mergekit_fixes import fix_optional_aliases
+    from ner_merge.host.mergekit_fixes import fix_optional_aliases
 
     fix_optional_aliases(module)
 
@@ -75,7 +75,7 @@ def _attach(module: ModuleType, action) -> None:
     if _stood_down is not None:
         return
     try:
-        from ner_merge.mergekit_range import mergekit_problem
+        from ner_merge.host.mergekit_range import mergekit_problem
 
         reason = mergekit_problem()
         if reason is None:
@@ -173,7 +173,7 @@ def install() -> None:
         return
     argv = getattr(sys, "argv", [])  # absent in an embedded interpreter
     if _is_ner_merge(argv):
-        from ner_merge.threads import wait_passively
+        from ner_merge.scoring.threads import wait_passively
 
         wait_passively()
     if _is_ner_merge(argv) or argv[:1] and os.path.basename(argv[0]) == "ner-merge":

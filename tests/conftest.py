@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from ner_merge.cache_folder import CACHE_DIR_VARIABLE
+from ner_merge.models.cache_folder import CACHE_DIR_VARIABLE
 from tests.helpers import build_trio
 
 

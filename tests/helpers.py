@@ -14,7 +14,7 @@ from mergekit.architecture import arch_info_for_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ner_merge.source_map import Follows, ModelEntry, SourceMap, TensorChoice
+from ner_merge.plan.source_map import Follows, ModelEntry, SourceMap, TensorChoice
 from tests import pico
 
 # Planted winners: model 1's layer-0 q_proj is rank 1 (NER 0, must lose);

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ner_merge.source_map import TensorChoice
+from ner_merge.plan.source_map import TensorChoice
 from tests.helpers import (
     assert_bit_identical_to_sources,
     assert_scores_near_reference,

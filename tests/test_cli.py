@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from ner_merge import __version__
 from ner_merge.cli import main
-from ner_merge.source_map import SOURCE_MAP_FILE, SourceMap
+from ner_merge.plan.source_map import SOURCE_MAP_FILE, SourceMap
 from tests import pico
 from tests.helpers import small_source_map, write_recipe
 
@@ -37,7 +37,7 @@ def test_help_and_show_import_neither_torch_nor_mergekit(tmp_path):
         "for args in (['--help'], ['--version'], ['show', sys.argv[1]]):\n"
         "    done = CliRunner().invoke(main, args)\n"
         "    assert done.exit_code == 0, done.output\n"
-        "heavy = {'torch', 'mergekit', 'transformers', 'ner_merge.planner'}\n"
+        "heavy = {'torch', 'mergekit', 'transformers', 'ner_merge.plan.planner'}\n"
         "print(sorted(heavy & set(sys.modules)))\n"
     )
     done = subprocess.run(

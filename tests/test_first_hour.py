@@ -16,10 +16,10 @@ import yaml
 from click.testing import CliRunner
 from mergekit.scripts.run_yaml import main as mergekit_yaml
 
-from ner_merge import pipeline
 from ner_merge.cli import main
-from ner_merge.output import MANIFEST_FILE, OutputFolder
-from ner_merge.recipe import _edits_apart
+from ner_merge.host import pipeline
+from ner_merge.host.output import MANIFEST_FILE, OutputFolder
+from ner_merge.recipe.recipe import _edits_apart
 from tests.helpers import snapshot, write_recipe
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -267,12 +267,12 @@ def test_ctrl_c_once_published_reports_the_merge_done(tmp_path, qwen_trio, monke
 
 
 def test_ctrl_c_in_a_command_is_one_line(tmp_path, qwen_trio, monkeypatch):
-    import ner_merge.evaluate
+    import ner_merge.evaluate.perplexity
 
     def interrupted(*_):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ner_merge.evaluate, "evaluate", interrupted)
+    monkeypatch.setattr(ner_merge.evaluate.perplexity, "evaluate", interrupted)
     done = CliRunner().invoke(main, ["eval", str(qwen_trio["base"])])
     assert done.exit_code == 130
     assert done.output.strip() == "ner-merge eval: interrupted; nothing was written"

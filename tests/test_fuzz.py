@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ner_merge.errors import RecipeError, SourceMapError
-from ner_merge.options import NerOptions
-from ner_merge.recipe import Recipe
-from ner_merge.source_map import SourceMap
+from ner_merge.plan.source_map import SourceMap
+from ner_merge.recipe.options import NerOptions
+from ner_merge.recipe.recipe import Recipe
 from tests.helpers import small_source_map
 
 FUZZ = settings(

@@ -10,7 +10,7 @@ import yaml
 from mergekit.merge_methods import registry
 
 from ner_merge.hook import DISABLE_VARIABLE
-from ner_merge.method import register
+from ner_merge.host.method import register
 from tests.helpers import write_recipe
 
 HOOK_SOURCE = Path(__file__).resolve().parents[1] / "ner_merge" / "hook.py"
@@ -51,7 +51,7 @@ def test_stock_mergekit_sees_the_method_and_run_merge_is_wrapped():
 
 def test_a_broken_hook_says_what_broke_and_mergekit_still_works():
     done = python(
-        "import sys; sys.modules['ner_merge.method'] = None\n"
+        "import sys; sys.modules['ner_merge.host.method'] = None\n"
         "import mergekit.merge_methods as mm\n"
         "print(mm.get('linear').spec.name)"
     )

@@ -15,17 +15,17 @@ import yaml
 from mergekit.merge_methods.api import merge_state_dicts, merge_tensors
 from mergekit.options import MergeOptions
 
-from ner_merge.cache_folder import CACHE_DIR_VARIABLE
-from ner_merge.card import write_model_card
-from ner_merge.content import ModelContent
 from ner_merge.errors import ModelError, NerMergeError, RecipeError, SourceMapError
-from ner_merge.inventory import same_content
-from ner_merge.models import ResolvedModel
-from ner_merge.planner import plan
-from ner_merge.recipe import Recipe
-from ner_merge.scoring import check_device
-from ner_merge.selection import unit_decisions
-from ner_merge.source_map import SOURCE_MAP_FILE, SourceMap
+from ner_merge.models.cache_folder import CACHE_DIR_VARIABLE
+from ner_merge.models.content import ModelContent
+from ner_merge.models.inventory import same_content
+from ner_merge.models.resolve import ResolvedModel
+from ner_merge.plan.planner import plan
+from ner_merge.plan.selection import unit_decisions
+from ner_merge.plan.source_map import SOURCE_MAP_FILE, SourceMap
+from ner_merge.recipe.recipe import Recipe
+from ner_merge.report.card import write_model_card
+from ner_merge.scoring.streamed import check_device
 from tests.helpers import (
     assert_bit_identical_to_sources,
     reference_ner,

@@ -9,10 +9,10 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from ner_merge.planner import plan
-from ner_merge.recipe import Recipe
-from ner_merge.selection import first_best
-from ner_merge.source_map import Follows
+from ner_merge.plan.planner import plan
+from ner_merge.plan.selection import first_best
+from ner_merge.plan.source_map import Follows
+from ner_merge.recipe.recipe import Recipe
 from tests.helpers import (
     FLAT_TENSOR,
     RANK1_TENSOR,
@@ -145,7 +145,7 @@ def test_planned_dtype_other_than_stored_is_still_copied_exactly(tmp_path, qwen_
 def test_default_shards_hold_about_one_largest_tensor(tmp_path, qwen_trio, monkeypatch):
     # mergekit's writer keeps a whole shard in memory (5 GB by default); an NER
     # merge sizes shards by the largest tensor unless the user chose a size.
-    monkeypatch.setattr("ner_merge.pipeline.SMALLEST_DEFAULT_SHARD", 0)
+    monkeypatch.setattr("ner_merge.host.pipeline.SMALLEST_DEFAULT_SHARD", 0)
     recipe = write_recipe(
         tmp_path / "recipe.yml", qwen_trio["base"], [qwen_trio["one"], qwen_trio["two"]]
     )

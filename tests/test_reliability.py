@@ -15,12 +15,12 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from ner_merge.cache_folder import CACHE_DIR_VARIABLE
 from ner_merge.errors import ModelError, SourceMapError
-from ner_merge.ner import normalized_effective_rank
-from ner_merge.planner import plan
-from ner_merge.recipe import Recipe
-from ner_merge.source_map import SourceMap
+from ner_merge.models.cache_folder import CACHE_DIR_VARIABLE
+from ner_merge.plan.planner import plan
+from ner_merge.plan.source_map import SourceMap
+from ner_merge.recipe.recipe import Recipe
+from ner_merge.scoring.ner import normalized_effective_rank
 from tests import pico
 from tests.helpers import (
     RANK1_TENSOR,
@@ -215,12 +215,12 @@ def test_deliberate_override_is_honoured_and_reported(tmp_path, qwen_trio, plann
 
 
 def test_failed_merge_leaves_no_output(tmp_path, qwen_trio, monkeypatch):
-    import ner_merge.method
+    import ner_merge.host.method
 
     def broken(*_args):
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(ner_merge.method, "load_cached", broken)
+    monkeypatch.setattr(ner_merge.host.method, "load_cached", broken)
     recipe = write_recipe(tmp_path / "r.yml", qwen_trio["base"], [qwen_trio["one"]])
     with pytest.raises(OSError, match="disk on fire"):
         run_merge(recipe, tmp_path / "out")

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ner_merge.errors import ModelError, SourceMapError
-from ner_merge.planner import plan
-from ner_merge.recipe import Recipe
-from ner_merge.source_map import SourceMap
+from ner_merge.plan.planner import plan
+from ner_merge.plan.source_map import SourceMap
+from ner_merge.recipe.recipe import Recipe
 from tests.helpers import (
     assert_bit_identical_to_sources,
     load_tensors,

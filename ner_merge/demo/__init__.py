@@ -42,7 +42,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from ner_merge.output import give_creation_mode
+from ner_merge.host.output import give_creation_mode
 
 TEXTS = Path(__file__).parent / "texts"
 TRAINING_TEXTS = {"base": "general.txt", "sea": "sea.txt", "kitchen": "kitchen.txt"}

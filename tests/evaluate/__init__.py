@@ -1,0 +1,1 @@
+"""Tests of ner_merge.evaluate: perplexity and `ner-merge compare`."""

@@ -1,0 +1,1 @@
+"""Tests of ner_merge.models: finding and reading models, vocabularies."""

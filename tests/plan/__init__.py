@@ -1,0 +1,1 @@
+"""Tests of ner_merge.plan: the selection rules and the plans they make."""

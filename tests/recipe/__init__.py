@@ -1,0 +1,1 @@
+"""Tests of ner_merge.recipe: the recipe and its options."""

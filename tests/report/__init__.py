@@ -1,0 +1,1 @@
+"""Tests of ner_merge.report: what a merge shows its reader."""
