@@ -29,8 +29,11 @@ def margin(choice: TensorChoice) -> float | None:
     """The source's NER minus the best other model's; None if either is missing.
 
     The margin says how close a choice was: near 0, the models were almost equal
-    and the choice hardly matters; negative, someone overrode the scores. A copy
-    holding NaN or Inf has no score (null in the map) and is left out.
+    and the choice hardly matters. Negative, the source is not this tensor's best
+    copy: normal at `module` or `layer` granularity, where a block or layer goes
+    to the best mean and its winner need not win each tensor; otherwise
+    `keep_base`, an `exclude` or a hand edit decided. A copy holding NaN or Inf
+    has no score (null in the map) and is left out.
     """
     score = choice.scores.get(choice.source)
     others = [
