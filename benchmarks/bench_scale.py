@@ -19,7 +19,7 @@ ner-merge sets them):
 
 With --shapes, only this instead: seconds to score one matrix of each shape of
 a 7B model (Qwen2.5-7B) and of a 70B one's attention (Llama-3-70B's 8192 x 8192)
-at one thread, as a worker does, for the README's estimates.
+at one thread, as a worker does, for the estimates in docs/scaling.md.
 
     python benchmarks/bench_scale.py [--cache DIR] [--shapes]
 """

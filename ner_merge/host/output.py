@@ -1,7 +1,7 @@
 """The output folder: checked before any work, locked for the run, written beside
 itself, and published by renames that a later run can finish.
 
-What is never done to OUT (the README's list):
+What is never done to OUT (the list in docs/outputs.md):
 - an existing OUT is replaced only when it is a previous merge's output: it holds
   the manifest a merge writes last, and nothing the manifest does not list;
 - OUT may not be, hold or lie inside an input model, nor be the current folder or
