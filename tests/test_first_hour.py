@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import click
@@ -22,7 +23,9 @@ from ner_merge.host.output import MANIFEST_FILE, OutputFolder
 from ner_merge.recipe.recipe import _edits_apart
 from tests.helpers import snapshot, write_recipe
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+REPOSITORY = Path(__file__).resolve().parents[1]
+# The README and the pages behind it: every command line a reader may copy.
+DOCUMENTS = [REPOSITORY / "README.md", *sorted((REPOSITORY / "docs").glob("*.md"))]
 COMMANDS = ("plan", "show", "eval", "compare", "demo", "generate")
 NER_MERGE = str(Path(sys.executable).parent / "ner-merge")
 
@@ -191,34 +194,40 @@ def test_compare_takes_the_device_options_and_refuses_a_bad_device_first(
     assert sorted(os.listdir(tmp_path)) == ["r.yml", "t.txt"]
 
 
-# `ner-merge [OPTIONS] COMMAND ...` or `COMMAND -x ...` in the README's code.
+# `ner-merge [OPTIONS] COMMAND ...` or `COMMAND -x ...` in the documents' code.
 COMMAND_LINE = re.compile(
     r"^(?:ner-merge((?:\s+-\S+)*)\s+)?(" + "|".join(COMMANDS) + r")((?:\s+\S+)*)$"
 )
 
 
-def _readme_command_lines() -> list[str]:
-    text = README.read_text(encoding="utf-8")
-    spans = re.findall(r"`([^`\n]+)`", text)
-    spans += [line.strip() for line in text.splitlines() if line.startswith("    ")]
-    return [span.split("#")[0].strip() for span in spans]
+def _documented_command_lines() -> list[tuple[str, str]]:
+    """Each code span and indented code line of the documents, with its file."""
+    lines = []
+    for document in DOCUMENTS:
+        text = document.read_text(encoding="utf-8")
+        spans = re.findall(r"`([^`\n]+)`", text)
+        spans += [line.strip() for line in text.splitlines() if line.startswith("    ")]
+        lines += [(document.name, span.split("#")[0].strip()) for span in spans]
+    return lines
 
 
-def test_every_option_the_readme_names_exists_on_its_command():
-    named = 0
-    for line in _readme_command_lines():
+def test_every_option_the_documents_name_exists_on_its_command():
+    named = Counter()
+    for document, line in _documented_command_lines():
         match = COMMAND_LINE.match(line)
         if not match or not (line.startswith("ner-merge") or " -" in line):
             continue
         before, name, after = match.groups()
         for option in (before or "").split():
-            assert option in _options(main), line
+            assert option in _options(main), f"{document}: {line}"
         for token in (after or "").split():
             option = token.strip("[].,;:()").split("=")[0]
             if option.startswith("-") and len(option) > 1:
-                assert option in _options(main.commands[name]), line
-                named += 1
-    assert named >= 12  # the README does name options: the test reads them
+                assert option in _options(main.commands[name]), f"{document}: {line}"
+                named[document] += 1
+    # The documents do name options, the README and the pages behind it alike:
+    # the test reads them all.
+    assert named["README.md"] >= 5 and sum(named.values()) >= 12, named
 
 
 def _published_then_interrupted(self, staging):
