@@ -370,6 +370,54 @@ def test_a_map_made_under_other_names_is_paired_by_content(
     )
 
 
+def test_recipe_options_other_than_the_maps_are_refused_naming_each(
+    tmp_path, qwen_trio, planned_elsewhere, isolated_score_cache
+):
+    """The map was planned by modules, stabilized: a recipe beside it that says
+    otherwise would be silently ignored, so each such option is named."""
+    base, one, two = qwen_trio["base"], qwen_trio["one"], qwen_trio["two"]
+    recipe = write_recipe(
+        tmp_path / "r.yml",
+        base,
+        [one, two],
+        source_map=str(planned_elsewhere),
+        granularity="layer",
+        stabilize=False,
+    )
+    with pytest.raises(SourceMapError) as error:
+        run_merge(recipe, tmp_path / "out")
+    assert str(error.value) == (
+        f"{planned_elsewhere}: the recipe sets options the map was not planned "
+        "with (granularity: 'layer' in the recipe, 'module' in the map; "
+        "stabilize: False in the recipe, True in the map): plan again with them, "
+        "or remove them from the recipe"
+    )
+    assert not (tmp_path / "out").exists()
+    assert not list(isolated_score_cache.rglob("kernel-*/**/*.json"))
+
+
+def test_a_recipe_naming_another_scoring_route_merges_with_the_maps_choices(
+    tmp_path, qwen_trio, planned_elsewhere
+):
+    """Every route makes float64's choices, so `scoring` is not held against the
+    map (planned with the default, auto): the merge takes the map's sources."""
+    base, one, two = qwen_trio["base"], qwen_trio["one"], qwen_trio["two"]
+    recipe = write_recipe(
+        tmp_path / "r.yml",
+        base,
+        [one, two],
+        source_map=str(planned_elsewhere),
+        scoring="fast",
+    )
+    run_merge(recipe, tmp_path / "out")
+    given = json.loads(planned_elsewhere.read_text())["tensors"]
+    merged = json.loads((tmp_path / "out" / SOURCE_MAP_FILE).read_text())["tensors"]
+    names = {f"link-{n}": str(qwen_trio[n]) for n in ("base", "one", "two")}
+    assert {t: merged[t]["source"] for t in merged} == {
+        t: names[Path(c["source"]).name] for t, c in given.items()
+    }
+
+
 def test_a_map_whose_base_is_a_fine_tune_here_is_refused(
     tmp_path, qwen_trio, planned_elsewhere, isolated_score_cache
 ):

@@ -341,12 +341,14 @@ def _unmapped(source_map: SourceMap, model: ResolvedModel, where: str) -> str:
 def _check_options(recipe: Recipe, source_map: SourceMap, where: str) -> None:
     """Refuse a recipe option set to something other than what the map was
     planned with, naming every one: the map's choices would silently ignore it.
-    Options the recipe leaves out are the map's."""
+    Options the recipe leaves out are the map's. `scoring` is not compared: it
+    says how scores are computed, and every route makes float64's choices, so a
+    map planned with one serves a recipe that names another."""
     chosen = recipe.options.model_dump()
     differ = [
         f"{key}: {chosen[key]!r} in the recipe, "
         f"{source_map.options.get(key, '(not set)')!r} in the map"
-        for key in sorted(recipe.options.model_fields_set - {"source_map"})
+        for key in sorted(recipe.options.model_fields_set - {"source_map", "scoring"})
         if source_map.options.get(key) != chosen[key]
     ]
     differ += [
