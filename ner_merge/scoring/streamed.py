@@ -82,7 +82,7 @@ def scoring_route(options: NerOptions, device: str | None) -> ScoringRoute:
 
     `scoring: auto` is `exact` on a CPU: there float32 is at best twice as fast
     per matrix, yet close fine-tunes make near ties of most decisions, which cost
-    a float32 score and then a float64 one, so fast plans measured 14-36% slower
+    a float32 score and then a float64 one, so fast plans measured 4-48% slower
     than exact ones on every model set tried (docs/performance.md). On other
     devices (GPUs) float64 runs at a small fraction of float32's speed, so
     `auto` is `fast`. The reason names the device's kind only, so maps are the
