@@ -149,7 +149,8 @@ def merge(
     models = resolve_models(recipe, merge_options)
     check_base_tokenizer(recipe, models[0].path, merge_options)
     output = OutputFolder(out_path, [model.path for model in models])
-    needed = merge_bytes(localized_config(recipe, models), models, merge_options)
+    config = localized_config(recipe, models)
+    needed = merge_bytes(config, models, merge_options)
     with publishing(out_path) as published_if, output.prepared(needed):
         with step("plan"):
             if recipe.options.source_map:
@@ -161,7 +162,6 @@ def merge(
             published_if(staging)
             map_path = staging / SOURCE_MAP_FILE
             source_map.save(map_path)
-            config = localized_config(recipe, models)
             parameters = dict(config.parameters or {}, source_map=str(map_path))
             try:
                 with mergekit_notices_hidden():
