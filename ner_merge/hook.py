@@ -132,6 +132,13 @@ class _AfterImportFinder:
         return spec
 
 
+def _program(argv: list[str]) -> str:
+    """The command this process runs, without Windows' `.exe` (`mergekit-yaml`).
+    Also in `ner_merge.host.interrupt`, which the hook does not import: at every
+    interpreter start, this module must import nothing it can do without."""
+    return os.path.splitext(os.path.basename(argv[0]))[0] if argv else ""
+
+
 def _is_ner_merge(argv: list[str]) -> bool:
     """Whether this process is `mergekit-yaml` given a recipe with
     `merge_method: ner` (read cheaply: no YAML parser at interpreter start).
@@ -139,8 +146,7 @@ def _is_ner_merge(argv: list[str]) -> bool:
     The recipe is the first argument that is a readable file: an option's value
     (`--out-shard-size 1M`) may come before it, and OUT is a folder.
     """
-    program = os.path.splitext(os.path.basename(argv[0]))[0] if argv else ""
-    if program != "mergekit-yaml":  # on Windows: mergekit-yaml.exe
+    if _program(argv) != "mergekit-yaml":
         return False
     for argument in argv[1:]:
         if argument.startswith("-") or not os.path.isfile(argument):
@@ -172,11 +178,12 @@ def install() -> None:
     if os.environ.get(DISABLE_VARIABLE) == "1":
         return
     argv = getattr(sys, "argv", [])  # absent in an embedded interpreter
-    if _is_ner_merge(argv):
+    ner_merge = _is_ner_merge(argv)  # reads the recipe: once
+    if ner_merge:
         from ner_merge.scoring.threads import wait_passively
 
         wait_passively()
-    if _is_ner_merge(argv) or argv[:1] and os.path.basename(argv[0]) == "ner-merge":
+    if ner_merge or _program(argv) == "ner-merge":
         sys.excepthook = _interrupted_while_starting
     if any(isinstance(finder, _AfterImportFinder) for finder in sys.meta_path):
         return

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from mergekit.merge_methods import registry
 
@@ -112,6 +113,7 @@ def test_passive_threads_only_for_ner_merges(tmp_path):
     assert _is_ner_merge(["/venv/bin/mergekit-yaml", str(ner), "out", "--cuda"])
     assert _is_ner_merge(["mergekit-yaml", "--quiet", str(ner), "out"])
     assert _is_ner_merge(["mergekit-yaml", "--out-shard-size", "1M", str(ner), "o"])
+    assert _is_ner_merge(["/venv/Scripts/mergekit-yaml.exe", str(ner), "out"])
     assert not _is_ner_merge(["mergekit-yaml", str(linear), "out"])
     assert not _is_ner_merge(["mergekit-yaml", str(tmp_path / "missing.yml")])
     assert not _is_ner_merge(["python", str(ner)])
@@ -178,3 +180,22 @@ def test_a_merge_ends_saying_where_its_files_are_and_hides_mergekits_notice(
     )
     assert done.returncode == 0, done.stderr
     assert "`torch_dtype` is deprecated" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "program, ours",
+    [
+        ("/venv/bin/ner-merge", True),
+        ("/venv/Scripts/ner-merge.exe", True),  # Windows' console scripts
+        ("/venv/Scripts/mergekit-yaml.exe", True),
+        ("/usr/bin/python3", False),
+        ("ner-merged", False),
+    ],
+)
+def test_our_commands_own_their_ctrl_c_on_every_platform(monkeypatch, program, ours):
+    """Only `ner-merge` and `mergekit-yaml` (with or without `.exe`) take over
+    Ctrl-C; a Python session using mergekit's API keeps its own."""
+    from ner_merge.host.interrupt import from_command_line
+
+    monkeypatch.setattr(sys, "argv", [program])
+    assert from_command_line() is ours

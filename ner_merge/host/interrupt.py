@@ -106,4 +106,5 @@ def end_on_interrupt(code: int, line: str | None = None) -> None:
 
 def from_command_line() -> bool:
     """Whether this process is one of COMMANDS, which own their Ctrl-C."""
-    return bool(sys.argv) and os.path.basename(sys.argv[0]) in COMMANDS
+    program = os.path.basename(sys.argv[0]) if sys.argv else ""
+    return os.path.splitext(program)[0] in COMMANDS  # on Windows: ner-merge.exe
